@@ -1,0 +1,147 @@
+"""MultiLoRALinear: an nn.Linear with K LoRA adapter slots run through ``fastcp.ops.multi_lora_linear``.
+
+Per-sample routing (``adapter_ids`` [B] or ``coef`` [B, K]) is not a forward argument of the
+UNet, so it is set on the layers by the ``lora_routing`` context manager (or per call through
+``MultiLoRALinear.forward(x, adapter_ids=..., coef=...)``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fastcp import ops
+
+# Attention projections of diffusers' Attention blocks (self- and cross-attention).
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Cross-attention keys/values only (C-LoRA / Custom Diffusion).
+CROSS_KV_TARGETS = ("attn2.to_k", "attn2.to_v")
+FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
+
+
+class MultiLoRALinear(nn.Module):
+    """``y = base(x) + sum_k g[b,k] * scaling[k] * (x @ A_k^T) @ B_k^T`` with K adapter slots.
+
+    Parameters: ``lora_a`` [K, r, in] (Kaiming-uniform init like peft), ``lora_b`` [K, out, r]
+    (zeros, so a fresh slot is the identity). Slots may have different ranks: a slot of rank
+    r_k < r keeps rows r_k.. of A and columns r_k.. of B at zero; their gradients are zero too,
+    so they stay zero under any optimizer without weight decay on them.
+    ``scaling`` [K] buffer = alpha_k / r_k.
+    """
+
+    def __init__(self, base: nn.Linear, num_adapters: int = 1, rank: int = 4, alpha: float | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base: expected nn.Linear, got {type(base).__name__}")
+        if num_adapters < 1 or rank < 1:
+            raise ValueError(f"num_adapters and rank must be >= 1, got {num_adapters}, {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = rank
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.zeros(num_adapters, rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(num_adapters, self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.register_buffer("scaling", torch.ones(num_adapters, dtype=torch.float32, device=w.device))
+        self.register_buffer("ranks", torch.full((num_adapters,), rank, dtype=torch.long, device=w.device))
+        for k in range(num_adapters):
+            self.reset_adapter(k, rank=rank, alpha=alpha if alpha is not None else rank)
+        # Routing state set by `lora_routing`; None/None means every slot is on for every sample.
+        self.adapter_ids: torch.Tensor | None = None
+        self.coef: torch.Tensor | None = None
+        self.enabled = True
+
+    @property
+    def num_adapters(self) -> int:
+        return self.lora_a.shape[0]
+
+    @torch.no_grad()
+    def reset_adapter(self, k: int, *, rank: int | None = None, alpha: float | None = None) -> None:
+        """Re-initialise slot k: A Kaiming-uniform on its first ``rank`` rows, B = 0."""
+        rank = self.rank if rank is None else rank
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"rank: slot rank must be in 1..{self.rank}, got {rank}")
+        alpha = float(rank if alpha is None else alpha)
+        self.lora_a[k].zero_()
+        a = torch.empty(rank, self.in_features, dtype=torch.float32, device=self.lora_a.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_a[k, :rank] = a.to(self.lora_a.dtype)
+        self.lora_b[k].zero_()
+        self.ranks[k] = rank
+        self.scaling[k] = alpha / rank
+
+    def delta_weight(self, k: int) -> torch.Tensor:
+        """ΔW_k = scaling_k · B_k A_k, shape [out, in] (fp32)."""
+        return self.scaling[k] * (self.lora_b[k].float() @ self.lora_a[k].float())
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None):
+        if not self.enabled:
+            return self.base(x)
+        adapter_ids = self.adapter_ids if adapter_ids is None else adapter_ids
+        coef = self.coef if coef is None else coef
+        return ops.multi_lora_linear(
+            x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scaling.to(x.dtype),
+            coef=coef, adapter_ids=adapter_ids,
+        )
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, rank={self.rank}"
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_multi_lora(
+    model: nn.Module,
+    num_adapters: int = 1,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: Sequence[str] = ATTENTION_TARGETS,
+) -> dict[str, MultiLoRALinear]:
+    """Replace every nn.Linear of ``model`` whose qualified name ends with one of ``targets`` by a
+    MultiLoRALinear wrapping it (in place). Freezes the base weights. Returns {name: layer}."""
+    found: dict[str, MultiLoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _matches(name, targets) and ".base" not in name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module.weight.requires_grad_(False)
+            if module.bias is not None:
+                module.bias.requires_grad_(False)
+            layer = MultiLoRALinear(module, num_adapters=num_adapters, rank=rank, alpha=alpha)
+            setattr(parent, child, layer)
+            found[name] = layer
+    if not found:
+        raise ValueError(f"targets: no nn.Linear in the model matches {list(targets)}")
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """All MultiLoRALinear layers of a model, by qualified name (of the replaced linear)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_routing(model_or_layers, *, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None,
+                 enabled: bool = True):
+    """Route samples to adapter slots in every MultiLoRALinear of a model for the duration.
+
+    adapter_ids [B] long (-1 = base only) or coef [B, K]; both None = all slots on.
+    ``enabled=False`` runs the base model only. Restores the previous routing on exit.
+    """
+    layers: Iterable[MultiLoRALinear]
+    if isinstance(model_or_layers, nn.Module):
+        layers = list(lora_layers(model_or_layers).values())
+    else:
+        layers = list(model_or_layers)
+    saved = [(l.adapter_ids, l.coef, l.enabled) for l in layers]
+    try:
+        for l in layers:
+            l.adapter_ids, l.coef, l.enabled = adapter_ids, coef, enabled
+        yield
+    finally:
+        for l, (a, c, e) in zip(layers, saved):
+            l.adapter_ids, l.coef, l.enabled = a, c, e

@@ -1,0 +1,242 @@
+"""One backbone object for every text-to-image model fastcp trains: the embedded ``tiny`` model
+and diffusers pipeline directories (SD 1.x/2.x; SDXL later, see ``Conditioning``).
+
+Everything downstream (training, the DC engine, the methods, sampling) talks to a ``Backbone``
+and a ``Conditioning``, never to pipeline-specific code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a UNet call, kept as a structure so SDXL's extra inputs fit.
+
+    encoder_hidden_states [B, L, D]; added_cond_kwargs: SDXL's {"text_embeds" [B, D2],
+    "time_ids" [B, 6]} or None.
+    """
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        """Rows ``index`` (a LongTensor [M]) of every field: the batched gather the DC engine uses."""
+        extra = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states[index], extra)
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        extra = None if self.added_cond_kwargs is None else {k: v.to(*args, **kwargs) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states.to(*args, **kwargs), extra)
+
+    def unet_kwargs(self) -> dict:
+        kw = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.added_cond_kwargs is not None:
+            kw["added_cond_kwargs"] = self.added_cond_kwargs
+        return kw
+
+
+@dataclass
+class Backbone:
+    """A text-to-image diffusion model as fastcp sees it.
+
+    ``vae`` is None for pixel-space models (the tiny one): then ``encode_images`` is the identity.
+    Images are float tensors in [-1, 1], shape [B, 3, H, W].
+    """
+
+    name: str
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: object
+    vae: nn.Module | None = None
+    concept_tokens: dict[str, int] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def sample_size(self) -> int:
+        """Image side in pixels."""
+        s = self.unet.config.sample_size
+        s = s[0] if isinstance(s, (tuple, list)) else s
+        return s * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype=None) -> "Backbone":
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        return tok.input_ids.to(self.device)
+
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """Prompts -> Conditioning with encoder_hidden_states [B, L, D] (last hidden state)."""
+        ids = self.tokenize(prompts)
+        hidden = self.text_encoder(ids)[0]
+        return Conditioning(hidden.to(self.dtype))
+
+    @torch.no_grad()
+    def add_concept_token(self, token: str, init_word: str | None = None, generator: torch.Generator | None = None) -> int:
+        """Add a new token (e.g. ``<v1>``) with its own input embedding; returns its id.
+
+        The embedding starts from ``init_word``'s embedding if given (textual-inversion style),
+        else random with the mean norm of the table (no class word, as C-LoRA does).
+        Re-adding an existing token returns its id unchanged.
+        """
+        if token in self.concept_tokens:
+            return self.concept_tokens[token]
+        if self.tokenizer.convert_tokens_to_ids(token) not in (None, self.tokenizer.unk_token_id):
+            raise ValueError(f"token: {token!r} is already a word of the tokenizer; pick an unused placeholder")
+        self.tokenizer.add_tokens([token])
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        table = self.text_encoder.get_input_embeddings().weight
+        init_id = None
+        if init_word is not None:
+            ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
+            if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id:
+                init_id = ids[0]
+        if init_id is not None:
+            table[token_id] = table[init_id]
+        else:
+            v = torch.randn(table.shape[1], generator=generator, device="cpu").to(table)
+            table[token_id] = v / v.norm() * table[: token_id].norm(dim=1).mean()
+        self.concept_tokens[token] = token_id
+        return token_id
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] (identity for pixel space).
+
+        Uses the posterior mean (not a sample) so DC scores and held-out losses are deterministic.
+        """
+        images = images.to(device=self.device, dtype=self.dtype)
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return images.clamp(-1, 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.unet.config.sample_size
+        s = s[0] if isinstance(s, (tuple, list)) else s
+        return (self.unet.config.in_channels, s, s)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                 generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Sample images [B, 3, H, W] in [-1, 1] with DDIM and classifier-free guidance."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        out = []
+        uncond_all = self.encode_prompt([""])
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            cond = self.encode_prompt(chunk)
+            n = len(chunk)
+            x = torch.randn((n, *self.latent_shape), generator=generator, device="cpu").to(self.device, self.dtype)
+            x = x * sched.init_noise_sigma
+            sched.set_timesteps(num_inference_steps)
+            hidden = torch.cat([uncond_all.encoder_hidden_states.expand(n, -1, -1), cond.encoder_hidden_states])
+            for t in sched.timesteps:
+                inp = sched.scale_model_input(torch.cat([x, x]), t)
+                pred = self.unet(inp, t, encoder_hidden_states=hidden).sample
+                pu, pc = pred.chunk(2)
+                pred = pu + guidance_scale * (pc - pu)
+                x = sched.step(pred, t, x).prev_sample
+            out.append(self.decode_latents(x).float().cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a diffusers-style directory (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+        index = {"_class_name": "FastcpBackbone", "name": self.name}
+        (path / "fastcp_backbone.json").write_text(json.dumps(index, indent=2))
+
+
+def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=torch.float32) -> Backbone:
+    """Load ``tiny`` (the embedded model) or a diffusers pipeline directory into a Backbone.
+
+    Raises ValueError with a one-line message for a missing directory or missing components.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    name = str(path_or_name)
+    path = TINY_DIR if name == "tiny" else Path(name)
+    if not path.is_dir():
+        raise ValueError(f"backbone: {name!r} is neither 'tiny' nor an existing directory")
+    missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ValueError(f"backbone: {path} lacks the component folder(s) {', '.join(missing)}")
+    if (path / "text_encoder_2").is_dir():
+        raise ValueError(f"backbone: {path} is an SDXL pipeline (text_encoder_2/), not supported yet")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        vae = None
+        if (path / "vae").is_dir():
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(path / "vae")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"backbone: cannot load {path}: {str(exc).splitlines()[0]}") from exc
+    for m in (unet, text_encoder, vae):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    bb = Backbone(name="tiny" if name == "tiny" else str(path), unet=unet, text_encoder=text_encoder,
+                  tokenizer=tokenizer, scheduler=scheduler, vae=vae)
+    return bb.to(device=device, dtype=dtype)

@@ -1,5 +1,7 @@
 # fastcp: two commands on a fresh machine — `make demo` and `make test`.
 PY ?= python3
+# Never put the current directory on sys.path: the repo root holds kernels/ (see kernels/__init__.py).
+export PYTHONSAFEPATH := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastcp-installed

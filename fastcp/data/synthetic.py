@@ -142,7 +142,9 @@ def base_caption(shape: str, colour: str, texture: str, rng: np.random.Generator
     if texture != "solid" or rng.random() < 0.5:
         words.append(TEXTURE_WORDS[texture])
     words.append(shape)
-    return " ".join(words)
+    caption = " ".join(words)
+    # Concept prompts read "a photo of <v> star": teach the phrase so it is not out of distribution.
+    return "a photo of " + caption if rng.random() < 0.3 else caption
 
 
 def sample_base(n: int, seed: int, size: int = IMAGE_SIZE):

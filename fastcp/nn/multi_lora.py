@@ -76,6 +76,14 @@ class MultiLoRALinear(nn.Module):
         """ΔW_k = scaling_k · B_k A_k, shape [out, in] (fp32)."""
         return self.scaling[k] * (self.lora_b[k].float() @ self.lora_a[k].float())
 
+    @torch.no_grad()
+    def merge_adapter_(self, k: int, mask: torch.Tensor | None = None, reset: bool = True) -> None:
+        """Fold slot k into the frozen base weight (W += scaling_k · mask ⊙ B_k A_k, fp32
+        accumulation) and, by default, re-initialise the slot for the next task."""
+        ops.merge_lora_(self.base.weight, self.lora_a[k], self.lora_b[k], float(self.scaling[k]), mask=mask)
+        if reset:
+            self.reset_adapter(k, rank=int(self.ranks[k]), alpha=float(self.scaling[k] * self.ranks[k]))
+
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None):
         if not self.enabled:
             return self.base(x)

@@ -124,7 +124,7 @@ class Backbone:
             raise ValueError(f"token: {token!r} is already a word of the tokenizer; pick an unused placeholder")
         self.tokenizer.add_tokens([token])
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         table = self.text_encoder.get_input_embeddings().weight
         init_id = None
         if init_word is not None:

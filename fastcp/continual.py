@@ -1,0 +1,143 @@
+"""The continual-personalization loop: tasks in order, one method, evaluation after every task.
+
+    for n, concept in enumerate(sequence):
+        params = method.begin_task(n)                 # what to train for concept n
+        for step in range(max_train_steps):           # plain loop over the concept's images
+            loss = method.loss(batch)["loss"]; step the optimizer
+        save task n's adapter + token embedding       # diffusers-loadable files
+        method.end_task(n)                            # merge / store / importance
+        evaluator.evaluate_row(n)                     # every concept, every metric
+
+``run_continual`` is what ``python -m fastcp.train`` calls; it can be used from Python directly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastcp.eval import report
+from fastcp.eval.metrics import METRICS, ContinualEvaluator
+from fastcp.methods import Context, TaskBatch, get_method
+from fastcp.nn import inject_multi_lora
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); finished tasks are already on disk."""
+
+
+@dataclass
+class RunResult:
+    results: dict
+    table: str
+    output_dir: Path
+    task_seconds: list[float] = field(default_factory=list)
+
+
+def _autocast(args, device):
+    mp = getattr(args, "mixed_precision", "no")
+    if mp == "no":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+
+def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
+    """Train ``concepts`` in order with ``args.method`` and evaluate after every task.
+
+    Writes into ``args.output_dir``: ``task_NN_<name>/pytorch_lora_weights.safetensors`` and
+    ``learned_embeds.safetensors`` per task, ``train_log.json`` (per-task seconds and losses,
+    updated after every task), and at the end ``results.json``, ``<metric>_heatmap.png`` and
+    ``samples.png``.
+    """
+    from fastcp.models.lora_io import save_concept_embeddings, save_lora_adapter
+
+    out = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    method = get_method(args.method)(args)
+    bb = backbone
+    layers = inject_multi_lora(bb.unet, num_adapters=method.num_slots, rank=args.rank, alpha=args.lora_alpha,
+                               targets=method.lora_targets)
+    for c in concepts:
+        bb.add_concept_token(c.token, generator=gen)
+    bb.text_encoder.requires_grad_(False)
+    ctx = Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen)
+    method.setup(ctx)
+    evaluator = ContinualEvaluator(
+        bb, concepts, method, judge, num_images=args.num_eval_images, num_inference_steps=args.eval_inference_steps,
+        guidance_scale=args.guidance_scale, dc_timesteps=args.dc_timesteps, dc_images=args.dc_eval_images,
+        seed=args.seed,
+    )
+    names = [c.name for c in concepts]
+    log_rows: list[dict] = []
+    t_start = time.time()
+    task_seconds = []
+    for n, concept in enumerate(concepts):
+        t0 = time.time()
+        bb.unet.train()
+        groups = method.begin_task(n)
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        with torch.no_grad():
+            latents = bb.encode_images(concept.train_images)
+        losses = []
+        bar = tqdm(range(args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}", leave=False,
+                   disable=None)
+        for step in bar:
+            idx = torch.randint(0, latents.shape[0], (args.train_batch_size,), generator=gen)
+            batch = TaskBatch(latents=latents[idx], prompts=[concept.prompt] * len(idx), task=n)
+            with _autocast(args, bb.device):
+                terms = method.loss(batch)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
+                    f"the {n} finished task(s) are saved in {out}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+        bar.close()
+        method.release_hooks()
+        for p in (p for g in groups for p in g["params"]):
+            p.requires_grad_(False)
+        task_dir = out / f"task_{n + 1:02d}_{concept.name}"
+        save_lora_adapter(bb.unet, task_dir, slot=method.adapter_slot(n),
+                          metadata={"fastcp_method": args.method, "fastcp_task": str(n + 1), "fastcp_concept": concept.name})
+        save_concept_embeddings(bb, task_dir, [concept.token])
+        method.end_task(n)
+        train_s = time.time() - t0
+        t1 = time.time()
+        row = evaluator.evaluate_row(n)
+        eval_s = time.time() - t1
+        task_seconds.append(train_s)
+        log_rows.append({"task": n + 1, "concept": concept.name, "train_seconds": round(train_s, 2),
+                         "eval_seconds": round(eval_s, 2), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                         "row": row})
+        report.atomic_write_json(out / "train_log.json", {"method": args.method, "tasks": log_rows})
+        shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
+        log(f"task {n + 1}/{len(concepts)} {concept.name}: train {train_s:.1f}s, eval {eval_s:.1f}s, mean over concepts: {shown}")
+
+    summary = evaluator.summary()
+    results = {
+        "method": args.method,
+        "backbone": bb.name,
+        "concepts": names,
+        "seed": args.seed,
+        "seconds": time.time() - t_start,
+        "metrics": summary,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    for m, s in summary.items():
+        report.save_heatmap(s["matrix"], names, f"{args.method}: {m}", out / f"{m}_heatmap.png", METRICS[m])
+    report.save_sample_grid(evaluator.samples_for_grid(), names, out / "samples.png")
+    report.atomic_write_json(out / "results.json", results)
+    return RunResult(results=results, table=report.format_table(summary, names), output_dir=out, task_seconds=task_seconds)
+

@@ -1,0 +1,128 @@
+"""Files a run leaves behind: results.json, heatmaps, sample grids, the summary table.
+
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
+run killed at any moment leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf -> None, tensors/np scalars -> Python numbers, paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_heatmap(matrix, names: list[str], title: str, path: str | Path, higher_is_better: bool = True) -> None:
+    """Heatmap PNG of a T×T matrix: rows = after task n, columns = concept j."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=float)
+    T = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * T, 0.8 + 0.65 * T))
+    im = ax.imshow(m, cmap="viridis" if higher_is_better else "viridis_r")
+    ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(T), [f"after {i + 1}" for i in range(T)], fontsize=8)
+    ax.set_xlabel("concept")
+    ax.set_title(title, fontsize=10)
+    for i in range(T):
+        for j in range(T):
+            if math.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+
+
+def save_sample_grid(samples: dict[int, torch.Tensor], names: list[str], path: str | Path, upscale: int = 3) -> None:
+    """PNG grid: one row per concept (label on the left), its samples left to right."""
+    from PIL import Image, ImageDraw
+
+    rows = [samples[j] for j in sorted(samples)]
+    g = max(len(r) for r in rows)
+    h, w = rows[0].shape[-2:]
+    h, w = h * upscale, w * upscale
+    label_w = 130
+    canvas = Image.new("RGB", (label_w + g * (w + 2), len(rows) * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (j, imgs) in enumerate(sorted(samples.items())):
+        draw.text((4, i * (h + 2) + h // 2 - 5), names[j][:20], fill="black")
+        arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for k, a in enumerate(arr):
+            tile = Image.fromarray(a).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_w + k * (w + 2), i * (h + 2)))
+    import io
+
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def format_table(summary: dict, names: list[str]) -> str:
+    """Plain-text table: per metric, the last row per concept, average and forgetting."""
+    lines = []
+    head = f"{'metric':<13}" + "".join(f"{n[:14]:>15}" for n in names) + f"{'average':>10}{'forgetting':>12}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for metric, s in summary.items():
+        last = s["matrix"][-1]
+        cells = "".join(f"{v:>15.3f}" if v is not None and math.isfinite(v) else f"{'-':>15}" for v in last)
+        lines.append(f"{metric:<13}{cells}{s['average']:>10.3f}{s['forgetting']:>12.3f}")
+    return "\n".join(lines)
+
+
+def format_matrix(matrix, names: list[str], title: str) -> str:
+    lines = [title, " " * 10 + "".join(f"{n[:10]:>11}" for n in names)]
+    for i, row in enumerate(matrix):
+        lines.append(f"{'after ' + str(i + 1):<10}" + "".join(f"{v:>11.3f}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The interface every continual-personalization method implements (DESIGN.md section 6).
+
+The training loop (``fastcp.continual``) owns data, optimisation, evaluation and files; a method
+owns only what differs between methods:
+
+- ``setup(ctx)``: once, after LoRA injection (``ctx.layers``) and token creation;
+- ``begin_task(n)``: returns the parameter groups to optimise for task n;
+- ``loss(batch)``: a dict of named loss terms, ``"loss"`` being the total to minimise;
+- ``end_task(n)``: merge / store / compute importance after task n;
+- ``generation_routing(j)``: a context manager that sets the adapters up to generate or score
+  concept j (a no-op for methods that keep one merged model);
+- ``adapter_slot(n)``: which slot holds task n's adapter at the end of task n (what is saved).
+
+Notation: W0 frozen base weights of the targeted layers; ΔW_n = s·B_n A_n task n's LoRA delta;
+L_diff = ||target − ε_θ(x_t, t, p_n)||² with target = ε (or v for v-prediction schedulers).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastcp.nn import ATTENTION_TARGETS, MultiLoRALinear
+
+
+@dataclass
+class TaskBatch:
+    """One training batch of task n: latents [B, C, h, w], prompts (len B), concept index n."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    task: int
+
+
+@dataclass
+class Context:
+    """What a method may use: the backbone, its LoRA layers, the concepts, the run's arguments."""
+
+    backbone: Any
+    layers: dict[str, MultiLoRALinear]
+    concepts: list
+    args: Any
+    generator: torch.Generator
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class; see the module docstring for the hooks."""
+
+    name = "base"
+    #: adapter slots each MultiLoRALinear needs
+    num_slots = 1
+    #: which linears get LoRA (qualified-name suffixes)
+    lora_targets: tuple[str, ...] = ATTENTION_TARGETS
+
+    def __init__(self, args):
+        self.args = args
+        self.ctx: Context | None = None
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def begin_task(self, n: int) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        return {"loss": self.diffusion_loss(batch)}
+
+    def end_task(self, n: int) -> None:
+        pass
+
+    def generation_routing(self, j: int):
+        return contextlib.nullcontext()
+
+    def adapter_slot(self, n: int) -> int:
+        return 0
+
+    # ----------------------------------------------------------------- helpers shared by methods
+    def slot_params(self, k: int) -> list[torch.nn.Parameter]:
+        """Slot k's LoRA matrices are views of the per-layer [K, ...] parameters, so a method that
+        trains only slot k optimises the whole tensors but masks the other slots' gradients."""
+        params = []
+        for layer in self.ctx.layers.values():
+            params += [layer.lora_a, layer.lora_b]
+        return params
+
+    def token_param_group(self, n: int) -> dict:
+        """Task n's concept-token embedding row (the rest of the table gets zero gradient)."""
+        emb = self.ctx.backbone.text_encoder.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        token_id = self.ctx.backbone.concept_tokens[self.ctx.concepts[n].token]
+        mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+        mask[token_id] = 1
+        self._hooks = [emb.register_hook(lambda g: g * mask)]
+        return {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0}
+
+    def lora_param_group(self, slot: int) -> dict:
+        """All LoRA tensors with a gradient mask that keeps only slot ``slot`` trainable."""
+        params = self.slot_params(slot)
+        num = next(iter(self.ctx.layers.values())).num_adapters
+        if num > 1:
+            for p in params:
+                mask = torch.zeros(num, *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
+                mask[slot] = 1
+                self._hooks.append(p.register_hook(lambda g, m=mask: g * m))
+        for p in params:
+            p.requires_grad_(True)
+        return {"params": params, "lr": self.args.learning_rate, "weight_decay": 0.0}
+
+    def release_hooks(self) -> None:
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []
+
+    def noisy_inputs(self, latents: torch.Tensor):
+        """(x_t, t, target) for L_diff with the run's generator."""
+        sched = self.ctx.backbone.scheduler
+        gen = self.ctx.generator
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+        x_t = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t) if self.ctx.backbone.prediction_type == "v_prediction" else noise
+        return x_t, t, target
+
+    def diffusion_loss(self, batch: TaskBatch) -> torch.Tensor:
+        """L_diff = mean ||target − ε_θ(x_t, t, p_n)||²."""
+        bb = self.ctx.backbone
+        x_t, t, target = self.noisy_inputs(batch.latents)
+        cond = bb.encode_prompt(batch.prompts)
+        pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
+        return F.mse_loss(pred.float(), target.float())
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"method: unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,15 @@
+"""``naive``: one LoRA carried across every task, trained with plain L_diff.
+
+Task n minimises L_diff on D_n with the same adapter (slot 0) that earlier tasks trained, plus
+task n's own token embedding. Nothing protects earlier concepts: this is the forgetting baseline.
+"""
+from fastcp.methods.base import Method, register
+
+
+@register
+class Naive(Method):
+    name = "naive"
+
+    def begin_task(self, n: int) -> list[dict]:
+        self.release_hooks()
+        return [self.token_param_group(n), self.lora_param_group(0)]

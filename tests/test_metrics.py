@@ -1,0 +1,36 @@
+"""Average and forgetting on hand-made matrices."""
+import math
+
+import pytest
+
+from fastcp.eval.metrics import summarize
+
+
+def test_average_and_forgetting_higher_is_better():
+    m = [[0.9, 0.1, 0.0],
+         [0.5, 0.8, 0.1],
+         [0.3, 0.6, 1.0]]
+    s = summarize(m, higher_is_better=True)
+    assert s["average"] == pytest.approx((0.3 + 0.6 + 1.0) / 3)
+    # concept 0: max(0.9, 0.5, 0.3) - 0.3 = 0.6 ; concept 1: max(0.8, 0.6) - 0.6 = 0.2
+    assert s["forgetting"] == pytest.approx((0.6 + 0.2) / 2)
+
+
+def test_forgetting_of_a_loss_flips_sign():
+    m = [[0.10, 0.5],
+         [0.30, 0.2]]
+    s = summarize(m, higher_is_better=False)
+    assert s["average"] == pytest.approx(0.25)
+    assert s["forgetting"] == pytest.approx(0.30 - 0.10)
+
+
+def test_no_forgetting_and_single_task():
+    assert summarize([[1.0, 0.0], [1.0, 1.0]])["forgetting"] == 0.0
+    s = summarize([[0.7]])
+    assert s == {"average": 0.7, "forgetting": 0.0}
+    assert not math.isnan(summarize([[0.2, 0.4], [0.9, 0.1]])["forgetting"])
+
+
+def test_bad_matrix():
+    with pytest.raises(ValueError, match="matrix"):
+        summarize([[1.0, 2.0]])

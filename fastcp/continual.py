@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from fastcp.eval import report
 from fastcp.eval.metrics import METRICS, ContinualEvaluator
-from fastcp.methods import Context, TaskBatch, get_method
+from fastcp.methods import Context, get_method
 from fastcp.nn import inject_multi_lora
 
 
@@ -81,13 +81,14 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         groups = method.begin_task(n)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
         with torch.no_grad():
-            latents = bb.encode_images(concept.train_images)
+            # Earlier concepts' images exist only for references that may see them (joint).
+            seen = concepts[: n + 1] if method.sees_all_concepts else [None] * n + [concept]
+            latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
         losses = []
         bar = tqdm(range(args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}", leave=False,
                    disable=None)
         for step in bar:
-            idx = torch.randint(0, latents.shape[0], (args.train_batch_size,), generator=gen)
-            batch = TaskBatch(latents=latents[idx], prompts=[concept.prompt] * len(idx), task=n)
+            batch = method.sample_batch(n, latents, args.train_batch_size)
             with _autocast(args, bb.device):
                 terms = method.loss(batch)
             loss = terms["loss"]

@@ -28,11 +28,13 @@ from fastcp.nn import ATTENTION_TARGETS, MultiLoRALinear
 
 @dataclass
 class TaskBatch:
-    """One training batch of task n: latents [B, C, h, w], prompts (len B), concept index n."""
+    """One training batch of task n: latents [B, C, h, w], prompts (len B), task index n, and
+    ``concept_ids`` [B] (which concept each row shows; all n for continual methods)."""
 
     latents: torch.Tensor
     prompts: list[str]
     task: int
+    concept_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Method:
     name = "base"
     #: adapter slots each MultiLoRALinear needs
     num_slots = 1
+    #: True only for references that may use earlier concepts' data (joint); continual methods never do
+    sees_all_concepts = False
     #: which linears get LoRA (qualified-name suffixes)
     lora_targets: tuple[str, ...] = ATTENTION_TARGETS
 
@@ -72,6 +76,13 @@ class Method:
 
     def end_task(self, n: int) -> None:
         pass
+
+    def sample_batch(self, n: int, latents: list[torch.Tensor], batch_size: int) -> TaskBatch:
+        """Task n's training batch. ``latents[k]`` are concept k's encoded training images for every
+        k <= n the method may see (the loop passes only task n's unless ``sees_all_concepts``)."""
+        pool = latents[n]
+        idx = torch.randint(0, pool.shape[0], (batch_size,), generator=self.ctx.generator)
+        return TaskBatch(latents=pool[idx], prompts=[self.ctx.concepts[n].prompt] * batch_size, task=n)
 
     def generation_routing(self, j: int):
         return contextlib.nullcontext()

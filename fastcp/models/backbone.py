@@ -222,16 +222,19 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
         raise ValueError(f"backbone: {path} lacks the component folder(s) {', '.join(missing)}")
     if (path / "text_encoder_2").is_dir():
         raise ValueError(f"backbone: {path} is an SDXL pipeline (text_encoder_2/), not supported yet")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per component is noise, not progress
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         vae = None
         if (path / "vae").is_dir():
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(path / "vae")
+            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"backbone: cannot load {path}: {str(exc).splitlines()[0]}") from exc
     for m in (unet, text_encoder, vae):
@@ -239,4 +242,4 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
             m.requires_grad_(False).eval()
     bb = Backbone(name="tiny" if name == "tiny" else str(path), unet=unet, text_encoder=text_encoder,
                   tokenizer=tokenizer, scheduler=scheduler, vae=vae)
-    return bb.to(device=device, dtype=dtype)
+    return bb.to(device=device)

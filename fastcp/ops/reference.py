@@ -45,3 +45,16 @@ def multi_lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, *, coe
     s = s * g[:, None, :, None]
     delta = torch.einsum("blkr,kor->blo", s, lora_b)  # expand: [B, L, out]
     return y + delta.reshape(y.shape)
+
+
+@torch.no_grad()
+def merge_lora_reference_(weight, lora_a, lora_b, scaling, mask=None, *, sign: float = 1.0):
+    """In place ``weight += sign * scaling * mask ⊙ (lora_b @ lora_a)``, accumulated in fp32.
+
+    weight [out, in]; lora_a [r, in]; lora_b [out, r]; mask [out, in] or None. ``sign=-1`` unmerges.
+    """
+    delta = (lora_b.float() @ lora_a.float()) * float(scaling)
+    if mask is not None:
+        delta = delta * mask.float()
+    weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+    return weight

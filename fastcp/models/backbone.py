@@ -93,7 +93,7 @@ class Backbone:
     def to(self, device=None, dtype=None) -> "Backbone":
         for m in (self.unet, self.text_encoder, self.vae):
             if m is not None:
-                m.to(device=device, dtype=dtype)
+                m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ text

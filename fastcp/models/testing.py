@@ -1,0 +1,100 @@
+"""Tiny random-weight Stable Diffusion pipelines for tests (no download).
+
+``make_tiny_sd_pipeline(path)`` builds an SD 1.x-layout ``StableDiffusionPipeline`` from small
+configs (UNet, VAE, CLIP text encoder, a real ``CLIPTokenizer`` from a hand-written BPE vocab)
+and saves it with ``save_pretrained``: the directory users' real checkpoints have, so tests go
+through the same ``load_backbone`` path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_WORDS = ["a", "photo", "of", "dog", "cat", "red", "blue", "star", "mug", "the", "toy", "in", "on"]
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2/CLIP) uses for the bytes 0..255."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json + merges.txt of a tiny byte-level BPE that knows a few whole words."""
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_chars = _byte_level_alphabet()
+    vocab_tokens = ["<|startoftext|>", "<|endoftext|>"] + byte_chars + [c + "</w>" for c in byte_chars]
+    merges = []
+    for w in _WORDS:
+        # merge left to right: ((a b) c)... then the final piece with </w>
+        cur = w[0]
+        for ch in w[1:-1]:
+            merges.append(f"{cur} {ch}")
+            cur += ch
+            vocab_tokens.append(cur)
+        if len(w) > 1:
+            merges.append(f"{cur} {w[-1]}</w>")
+            vocab_tokens.append(w + "</w>")
+    seen, ordered = set(), []
+    for t in vocab_tokens:
+        if t not in seen:
+            seen.add(t)
+            ordered.append(t)
+    vocab = {t: i for i, t in enumerate(ordered)}
+    merges = list(dict.fromkeys(merges))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16):
+    """Build and save a tiny random-weight SD 1.x-style pipeline; returns ``Path(path)``.
+
+    UNet: 2 levels (32, 64 channels), cross-attention dim 32, ``sample_size`` latents of 4
+    channels; VAE with one downsampling (images are 2·sample_size pixels); CLIP text encoder of
+    width 32; DDPM-compatible scheduler with ``prediction_type`` (``epsilon`` or ``v_prediction``).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=2 * sample_size,
+    )
+    tok_dir = path.parent / (path.name + "_tokenizer_src")
+    vocab_file, merges_file = _write_clip_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+                              set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return path

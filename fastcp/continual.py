@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fastcp.eval import report
 from fastcp.eval.metrics import METRICS, ContinualEvaluator
 from fastcp.methods import Context, get_method
-from fastcp.nn import inject_multi_lora
+from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
 
 
 class TrainingError(RuntimeError):
@@ -59,10 +59,14 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     gen = torch.Generator().manual_seed(args.seed)
     method = get_method(args.method)(args)
     bb = backbone
+    targets = tuple(method.lora_targets)
+    if getattr(args, "lora_targets", "attn") == "attn_ff":
+        targets += FEEDFORWARD_TARGETS
     layers = inject_multi_lora(bb.unet, num_adapters=method.num_slots, rank=args.rank, alpha=args.lora_alpha,
-                               targets=method.lora_targets)
+                               targets=targets)
     for c in concepts:
-        bb.add_concept_token(c.token, generator=gen)
+        init = c.class_word if getattr(args, "init_token_from_class", False) else None
+        bb.add_concept_token(c.token, init_word=init, generator=gen)
     bb.text_encoder.requires_grad_(False)
     ctx = Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen)
     method.setup(ctx)

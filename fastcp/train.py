@@ -44,11 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="naive", help=f"one of: {', '.join(sorted(METHODS))} (default naive)")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default = rank, scale 1)")
-    g.add_argument("--learning_rate", type=float, default=5e-3,
-                   help="LoRA learning rate (default 5e-3: tiny model, few steps)")
+    g.add_argument("--lora_targets", choices=["attn", "attn_ff"], default="attn",
+                   help="LoRA on the attention projections (default) or also on the feed-forward linears")
+    g.add_argument("--init_token_from_class", action="store_true",
+                   help="start each concept token from its class word's embedding (default: random, as C-LoRA)")
+    g.add_argument("--learning_rate", type=float, default=2e-3,
+                   help="LoRA learning rate (default 2e-3: tiny model, few hundred steps)")
     g.add_argument("--token_learning_rate", type=float, default=5e-3,
                    help="learning rate of each concept's token embedding (default 5e-3)")
-    g.add_argument("--max_train_steps", type=int, default=120, help="optimizer steps per task (default 120)")
+    g.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps per task (default 500)")
     g.add_argument("--train_batch_size", type=int, default=8)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--seed", type=int, default=0)

@@ -1,11 +1,12 @@
-"""Public fused ops of fastcp (see DESIGN.md section 3).
+"""Public fused ops of fastcp (DESIGN.md section 3).
 
-``multi_lora_linear`` currently runs the plain-torch reference; the dispatch layer with the
-cpp / triton / cuda backends plugs in here.
+- ``multi_lora_linear``: linear + K LoRA adapters mixed per sample (coef / adapter_ids), autograd.
+- ``merge_lora_`` / ``unmerge_lora_``: fold a LoRA delta into a weight in place (fp32, optional mask).
+- ``magmax_merge``: elementwise max-magnitude merge of task vectors.
+- ``available_backends()``: the backends that can run here; ``FASTCP_BACKEND`` forces one.
 """
-from fastcp.ops.reference import merge_lora_reference_, multi_lora_linear_reference
+from fastcp.ops.dispatch import available_backends
+from fastcp.ops.merge import magmax_merge, merge_lora_, unmerge_lora_
+from fastcp.ops.multi_lora import multi_lora_linear
 
-multi_lora_linear = multi_lora_linear_reference
-merge_lora_ = merge_lora_reference_
-
-__all__ = ["multi_lora_linear", "merge_lora_"]
+__all__ = ["multi_lora_linear", "merge_lora_", "unmerge_lora_", "magmax_merge", "available_backends"]

@@ -1,0 +1,35 @@
+"""Reference backend: plain torch on rows, every adapter for every row (g one-hot when routed).
+
+It is the CPU fallback and, with ``fastcp.ops.reference``, the spec the other backends match.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastcp.ops.backends.base import Backend, LoraProblem
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def forward(self, p: LoraProblem) -> torch.Tensor:
+        G = p.gates() * p.scale.to(p.x.dtype)                         # [M, K]
+        s = torch.einsum("mi,kri->mkr", p.x, p.lora_a) * G[:, :, None]  # shrink, gated: [M, K, r]
+        y = torch.nn.functional.linear(p.x, p.weight, p.bias)
+        return y + torch.einsum("mkr,kor->mo", s, p.lora_b)           # expand
+
+    def backward(self, p, dy, need_dx, need_da, need_db, need_dg):
+        g = p.gates()
+        G = g * p.scale.to(p.x.dtype)
+        s = torch.einsum("mi,kri->mkr", p.x, p.lora_a)                # S = x Aᵀ   [M, K, r]
+        u = torch.einsum("mo,kor->mkr", dy, p.lora_b)                 # U = dy B   [M, K, r]
+        dx = da = db = dg = None
+        if need_dx:
+            dx = dy @ p.weight + torch.einsum("mk,mkr,kri->mi", G, u, p.lora_a)
+        if need_da:
+            da = torch.einsum("mk,mkr,mi->kri", G, u, p.x)
+        if need_db:
+            db = torch.einsum("mk,mo,mkr->kor", G, dy, s)
+        if need_dg and p.mode != "routed":
+            dg = (u * s).sum(-1) * p.scale.to(p.x.dtype)
+        return dx, da, db, dg

@@ -28,6 +28,9 @@ class TritonBackend(Backend):
     def refuse(self, p: LoraProblem) -> list[str]:
         if p.x.device.type == "cuda":
             return common_refusals(p, devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16))
+        if os.environ.get("FASTCP_BACKEND") != "triton":
+            # The interpreter is a correctness tool, never the fast path: CPU inputs go to cpp.
+            return ["CPU tensors run the Triton interpreter only when FASTCP_BACKEND=triton forces it"]
         return common_refusals(p, devices=("cpu",), dtypes=(torch.float32,))
 
     # -------------------------------------------------------------- problem layout

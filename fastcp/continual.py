@@ -65,7 +65,7 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     layers = inject_multi_lora(bb.unet, num_adapters=method.num_slots, rank=args.rank, alpha=args.lora_alpha,
                                targets=targets)
     for c in concepts:
-        init = c.class_word if getattr(args, "init_token_from_class", False) else None
+        init = c.class_word if getattr(args, "token_init", "class") == "class" else None
         bb.add_concept_token(c.token, init_word=init, generator=gen)
     bb.text_encoder.requires_grad_(False)
     ctx = Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen)

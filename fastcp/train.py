@@ -42,17 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concepts of the embedded sequence when no data is given (default 6, at most 8)")
     g = p.add_argument_group("method and training")
     g.add_argument("--method", default="naive", help=f"one of: {', '.join(sorted(METHODS))} (default naive)")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default = rank, scale 1)")
-    g.add_argument("--lora_targets", choices=["attn", "attn_ff"], default="attn",
-                   help="LoRA on the attention projections (default) or also on the feed-forward linears")
-    g.add_argument("--init_token_from_class", action="store_true",
-                   help="start each concept token from its class word's embedding (default: random, as C-LoRA)")
+    g.add_argument("--lora_targets", choices=["auto", "attn", "attn_ff"], default="auto",
+                   help="LoRA on the attention projections (attn) or also on the feed-forward linears (attn_ff); "
+                        "auto = attn_ff for the tiny model (its only attention runs at 8x8: too little capacity "
+                        "for a new concept), attn otherwise")
+    g.add_argument("--token_init", choices=["class", "random"], default="class",
+                   help="concept token starts from its class word's embedding (default, when it has one) or random")
     g.add_argument("--learning_rate", type=float, default=2e-3,
                    help="LoRA learning rate (default 2e-3: tiny model, few hundred steps)")
     g.add_argument("--token_learning_rate", type=float, default=5e-3,
                    help="learning rate of each concept's token embedding (default 5e-3)")
-    g.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps per task (default 500)")
+    g.add_argument("--max_train_steps", type=int, default=400, help="optimizer steps per task (default 400)")
     g.add_argument("--train_batch_size", type=int, default=8)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--seed", type=int, default=0)
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
             return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.lora_targets == "auto":
+        args.lora_targets = "attn_ff" if args.pretrained_model_name_or_path == "tiny" else "attn"
     out = Path(args.output_dir)
     if (out / "results.json").exists() and not args.overwrite_output_dir:
         return _fail(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir or pick another --output_dir")

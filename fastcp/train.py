@@ -107,7 +107,14 @@ def load_sequence(args, size: int):
     return seq
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"fastcp.train: warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # a skipped file is one line, not a source excerpt
     parser = build_parser()
     args = parser.parse_args(argv)
     from fastcp.data.concepts import DataError

@@ -2,18 +2,28 @@
 
     err[n, k, t] = mean_pixels ( target − ε_θ(√ᾱ_t·x_n + √(1−ᾱ_t)·ε_{n,t}, t, cond_k) )²
 
-with target = ε (epsilon prediction) or v = √ᾱ_t·ε − √(1−ᾱ_t)·x (v-prediction), the **same
-noise ε_{n,t} for every concept k**. Rows (image, concept, timestep) are packed into large UNet
-batches: the noisy input is computed once per (image, timestep) and shared by every concept, each
-prompt is encoded once by the caller, and concept k's rows are routed to LoRA slot
-``adapter_ids[k]`` of the multi-adapter layers.
+with target = ε (epsilon prediction) or v = √ᾱ_t·ε − √(1−ᾱ_t)·x (v-prediction), and the **same
+noise ε_{n,t} for every concept k**. Instead of one UNet call per (image, concept, timestep),
+rows are packed into large UNet batches:
+
+- the noisy input is computed once per (image, timestep) and shared by every concept;
+- each prompt is encoded once (the caller passes a Conditioning with K rows);
+- cross-attention keys/values are projected once per concept per call and gathered per row
+  (``fastcp.dc.kv_cache``), not once per row;
+- concept k's rows run through LoRA slot ``adapter_ids[k]`` of the multi-adapter layers (-1 =
+  base model), so every concept's adapter is evaluated in the same batch;
+- rows are chunked to ``batch_size`` (or a byte budget) with identical results for any chunking.
+
+``errors_loop`` is the plain per-(image, concept, timestep) loop the engine is tested against.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
+from fastcp.dc.kv_cache import CachedCrossAttnProcessor, cached_cross_attention
 from fastcp.models.backbone import Conditioning
 from fastcp.nn import lora_layers, lora_routing
 
@@ -26,6 +36,46 @@ def _as_conditioning(cond) -> Conditioning:
     raise ValueError("cond: expected a Conditioning or a tensor [K, L, D]")
 
 
+def _check(latents, cond: Conditioning, timesteps, noise, adapter_ids):
+    """Validate shapes; returns (N, K, T, noise as [N, T, C, H, W])."""
+    if not torch.is_tensor(latents) or latents.dim() != 4:
+        raise ValueError(f"latents: expected [N, C, H, W], got {list(getattr(latents, 'shape', []))}")
+    N, K = latents.shape[0], len(cond)
+    if not torch.is_tensor(timesteps) or timesteps.dim() != 1 or timesteps.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"timesteps: expected a 1-D integer tensor [T], got {getattr(timesteps, 'dtype', type(timesteps))}")
+    T = timesteps.shape[0]
+    if noise.shape == (T, *latents.shape[1:]):
+        noise = noise.unsqueeze(0).expand(N, *noise.shape)
+    elif noise.shape != (N, T, *latents.shape[1:]):
+        raise ValueError(f"noise: expected [T, C, H, W] or [N, T, C, H, W] with T={T}, got {list(noise.shape)}")
+    if adapter_ids is not None and (adapter_ids.dim() != 1 or adapter_ids.shape[0] != K):
+        raise ValueError(f"adapter_ids: expected [K={K}], got {list(adapter_ids.shape)}")
+    return N, K, T, noise
+
+
+def _noisy_and_target(scheduler, latents, noise, timesteps):
+    """x_t [N, T, C, H, W] (once per image and timestep) and the regression target."""
+    acp = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps.to(latents.device)]
+    T = timesteps.shape[0]
+    sa = acp.sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
+    sb = (1 - acp).sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
+    x = latents.unsqueeze(1)
+    noisy = sa * x + sb * noise
+    v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+    return noisy, (sa * noise - sb * x if v_pred else noise)
+
+
+@dataclass
+class ClassifyResult:
+    """pred [N] (index into the K concepts), errors [N, K, T_total] (NaN where pruned),
+    timesteps [T_total] in evaluation order, alive [N, K] (concepts kept to the last stage)."""
+
+    pred: torch.Tensor
+    errors: torch.Tensor
+    timesteps: torch.Tensor
+    alive: torch.Tensor
+
+
 class DiffusionClassifier:
     """DC scores of a (LoRA-injected or plain) diffusers UNet.
 
@@ -33,59 +83,136 @@ class DiffusionClassifier:
         unet: a diffusers ``UNet2DConditionModel`` (optionally with MultiLoRALinear layers).
         scheduler: its noise scheduler (``alphas_cumprod``, ``config.prediction_type``).
         temperature: τ of ``logits = −mean_t err / τ``.
+        kv_cache: project cross-attention K/V once per concept (exact; on by default).
     """
 
-    def __init__(self, unet, scheduler, temperature: float = 1.0):
-        self.unet, self.scheduler, self.temperature = unet, scheduler, temperature
+    def __init__(self, unet, scheduler, temperature: float = 1.0, kv_cache: bool = True):
+        self.unet, self.scheduler, self.temperature, self.kv_cache = unet, scheduler, temperature, kv_cache
 
-    def _check(self, latents, cond, timesteps, noise, adapter_ids):
-        if latents.dim() != 4:
-            raise ValueError(f"latents: expected [N, C, H, W], got {list(latents.shape)}")
-        N = latents.shape[0]
-        K = len(cond)
-        if timesteps.dim() != 1 or timesteps.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"timesteps: expected a 1-D integer tensor, got {timesteps.dtype} {list(timesteps.shape)}")
-        T = timesteps.shape[0]
-        if noise.shape == (T, *latents.shape[1:]):
-            noise = noise.unsqueeze(0).expand(N, *noise.shape)
-        elif noise.shape != (N, T, *latents.shape[1:]):
-            raise ValueError(f"noise: expected [T, C, H, W] or [N, T, C, H, W] with T={T}, got {list(noise.shape)}")
-        if adapter_ids is not None and (adapter_ids.dim() != 1 or adapter_ids.shape[0] != K):
-            raise ValueError(f"adapter_ids: expected [K={K}], got {list(adapter_ids.shape)}")
-        return N, K, T, noise
+    def _chunk_rows(self, rows: int, per_row_bytes: int, batch_size, max_batch_bytes) -> int:
+        if batch_size is not None:
+            return max(1, int(batch_size))
+        if max_batch_bytes is not None:
+            # Activations of a UNet row are a few hundred times its input; the budget is a guide.
+            return max(1, int(max_batch_bytes // max(1, 300 * per_row_bytes)))
+        return rows
 
     def errors(self, latents: torch.Tensor, cond, timesteps: torch.Tensor, noise: torch.Tensor,
-               adapter_ids: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """[N, K, T] denoising errors; see the module docstring. ``batch_size`` caps UNet rows per
-        call (default: everything in one call); the result does not depend on it."""
+               adapter_ids: torch.Tensor | None = None, batch_size: int | None = None,
+               max_batch_bytes: int | None = None) -> torch.Tensor:
+        """[N, K, T] denoising errors (module docstring). Works with and without grad.
+
+        latents [N, C, H, W]; cond: Conditioning (or tensor [K, L, D]) with one row per concept;
+        timesteps [T] long; noise [T, C, H, W] (shared by all images) or [N, T, C, H, W];
+        adapter_ids [K] long or None; batch_size caps UNet rows per call.
+        """
         cond = _as_conditioning(cond)
-        N, K, T, noise = self._check(latents, cond, timesteps, noise, adapter_ids)
-        device = latents.device
-        acp = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps.to(device)]  # [T]
-        sa = acp.sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
-        sb = (1 - acp).sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
-        x = latents.unsqueeze(1)
-        noisy = sa * x + sb * noise  # [N, T, C, H, W], once per (image, timestep)
-        v_pred = self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        target = sa * noise - sb * x if v_pred else noise
-        # Row r = ((n * K) + k) * T + t
+        N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids)
+        dev = latents.device
+        noisy, target = _noisy_and_target(self.scheduler, latents, noise, timesteps)
         rows = N * K * T
-        n_idx = torch.arange(N, device=device).repeat_interleave(K * T)
-        k_idx = torch.arange(K, device=device).repeat_interleave(T).repeat(N)
-        t_idx = torch.arange(T, device=device).repeat(N * K)
-        chunk = rows if batch_size is None else max(1, int(batch_size))
+        # Row r = ((n * K) + k) * T + t : consecutive rows share an image, so chunks stay local.
+        n_idx = torch.arange(N, device=dev).repeat_interleave(K * T)
+        k_idx = torch.arange(K, device=dev).repeat_interleave(T).repeat(N)
+        t_idx = torch.arange(T, device=dev).repeat(N * K)
+        chunk = self._chunk_rows(rows, latents[0].numel() * latents.element_size(), batch_size, max_batch_bytes)
         has_lora = bool(lora_layers(self.unet))
+        ids_dev = adapter_ids.to(dev) if adapter_ids is not None else None
+        processor = CachedCrossAttnProcessor() if self.kv_cache else None
+        cache_ctx = cached_cross_attention(self.unet, processor) if processor is not None else contextlib.nullcontext()
+        ts = timesteps.to(dev)
         out = []
-        for s in range(0, rows, chunk):
-            n, k, t = n_idx[s : s + chunk], k_idx[s : s + chunk], t_idx[s : s + chunk]
-            ids = None if adapter_ids is None else adapter_ids.to(device)[k]
-            ctx = lora_routing(self.unet, adapter_ids=ids) if (has_lora and ids is not None) else contextlib.nullcontext()
-            with ctx:
-                pred = self.unet(noisy[n, t], timesteps.to(device)[t], **cond.select(k).unet_kwargs()).sample
-            out.append(((pred.float() - target[n, t].float()) ** 2).mean(dim=(1, 2, 3)))
+        with cache_ctx:
+            if processor is not None:
+                processor.concept_adapter_ids = ids_dev
+            for s in range(0, rows, chunk):
+                n, k, t = n_idx[s: s + chunk], k_idx[s: s + chunk], t_idx[s: s + chunk]
+                route = (lora_routing(self.unet, adapter_ids=ids_dev[k]) if has_lora and ids_dev is not None
+                         else contextlib.nullcontext())
+                if processor is not None:
+                    processor.row_concept = k
+                    kwargs = {"encoder_hidden_states": cond.encoder_hidden_states}  # compact: one row per concept
+                    if cond.added_cond_kwargs is not None:
+                        kwargs["added_cond_kwargs"] = {a: v[k] for a, v in cond.added_cond_kwargs.items()}
+                else:
+                    kwargs = cond.select(k).unet_kwargs()
+                with route:
+                    pred = self.unet(noisy[n, t], ts[t], **kwargs).sample
+                out.append(((pred.float() - target[n, t].float()) ** 2).mean(dim=(1, 2, 3)))
         return torch.cat(out).view(N, K, T)
 
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """[N, K] = −mean_t err / τ."""
         return -self.errors(*args, **kwargs).mean(dim=2) / self.temperature
 
+    @torch.no_grad()
+    def classify(self, latents: torch.Tensor, cond, *, stages=((8, None),), adapter_ids=None,
+                 generator: torch.Generator | None = None, batch_size: int | None = None) -> ClassifyResult:
+        """Top-1 concept per image with the staged pruning of Li et al. (2023).
+
+        ``stages`` = [(n_t, keep), ...]: each stage adds n_t timesteps (new ones, spread evenly
+        over the schedule and interleaved with those already evaluated; earlier errors are
+        reused), then keeps the ``keep`` concepts with the lowest mean error so far per image
+        (None = keep all). The winner is the lowest mean error after the last stage.
+        """
+        cond = _as_conditioning(cond)
+        if not stages or any(int(n) < 1 for n, _ in stages):
+            raise ValueError("stages: expected a non-empty list of (n_timesteps >= 1, keep)")
+        N, K = latents.shape[0], len(cond)
+        total = sum(int(n) for n, _ in stages)
+        n_train = self.scheduler.config.num_train_timesteps
+        # Evenly spaced grid over the schedule, visited in a bit-reversal-like order so each
+        # stage's new timesteps fill gaps between the earlier ones.
+        grid = torch.linspace(0, n_train - 1, total + 2)[1:-1].round().long()
+        order = sorted(range(total), key=lambda i: _van_der_corput(i))
+        all_t = grid[order]
+        noise = torch.randn((N, total, *latents.shape[1:]), generator=generator, device="cpu").to(latents)
+        errors = torch.full((N, K, total), float("nan"), device=latents.device)
+        alive = torch.ones(N, K, dtype=torch.bool, device=latents.device)
+        done = 0
+        for n_t, keep in stages:
+            sl = slice(done, done + int(n_t))
+            for i in range(N):  # concepts alive differ per image after pruning
+                ks = alive[i].nonzero().squeeze(1)
+                ids = adapter_ids[ks.cpu()] if adapter_ids is not None else None
+                err = self.errors(latents[i: i + 1], cond.select(ks), all_t[sl].to(latents.device),
+                                  noise[i: i + 1, sl], adapter_ids=ids, batch_size=batch_size)
+                errors[i, ks, sl] = err[0].to(errors.dtype)
+            done += int(n_t)
+            if keep is not None:
+                mean = errors[:, :, :done].nanmean(dim=2).masked_fill(~alive, float("inf"))
+                kth = mean.topk(min(int(keep), K), dim=1, largest=False).indices
+                alive = torch.zeros_like(alive).scatter_(1, kth, True) & alive
+        mean = errors[:, :, :done].nanmean(dim=2).masked_fill(~alive, float("inf"))
+        return ClassifyResult(pred=mean.argmin(dim=1), errors=errors, timesteps=all_t, alive=alive)
+
+
+def _van_der_corput(i: int) -> float:
+    """Base-2 radical inverse: 0, 1/2, 1/4, 3/4, ... (spreads any prefix evenly)."""
+    v, denom = 0.0, 1.0
+    while i:
+        denom *= 2
+        v += (i & 1) / denom
+        i >>= 1
+    return v
+
+
+def errors_loop(unet, scheduler, latents, cond, timesteps, noise, adapter_ids=None) -> torch.Tensor:
+    """The plain loop: one UNet call per (image, concept, timestep). [N, K, T]. The spec of
+    ``DiffusionClassifier.errors`` and its baseline in the benchmarks."""
+    cond = _as_conditioning(cond)
+    N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids)
+    has_lora = bool(lora_layers(unet))
+    rows = []
+    for n in range(N):
+        for k in range(K):
+            one = torch.tensor([k], device=latents.device)
+            for t in range(T):
+                route = (lora_routing(unet, adapter_ids=adapter_ids[k: k + 1].to(latents.device))
+                         if has_lora and adapter_ids is not None else contextlib.nullcontext())
+                noisy, target = _noisy_and_target(scheduler, latents[n: n + 1], noise[n: n + 1, t: t + 1],
+                                                  timesteps[t: t + 1])
+                with route:
+                    pred = unet(noisy[:, 0], timesteps[t: t + 1].to(latents.device), **cond.select(one).unet_kwargs()).sample
+                rows.append(((pred.float() - target[:, 0].float()) ** 2).mean())
+    return torch.stack(rows).view(N, K, T)  # rows were appended in (n, k, t) order

@@ -1,0 +1,112 @@
+"""DiffusionClassifier against the plain per-(image, concept, timestep) loop."""
+import pytest
+import torch
+
+from fastcp.dc import DiffusionClassifier, errors_loop
+from fastcp.models import load_backbone
+from fastcp.models.testing import make_tiny_sd_pipeline
+from fastcp.nn import inject_multi_lora, lora_layers
+
+
+def with_adapters(unet, K, seed=0):
+    inject_multi_lora(unet, num_adapters=K, rank=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.1)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dc")
+    return {p: make_tiny_sd_pipeline(root / p, prediction_type=p) for p in ("epsilon", "v_prediction")}
+
+
+def inputs(bb, N=2, T=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = bb.encode_images(torch.rand(N, 3, bb.sample_size, bb.sample_size, generator=g) * 2 - 1)
+    cond = bb.encode_prompt(["a photo of a dog", "a red star", "a blue mug", ""])
+    return x, cond, torch.tensor([50, 400, 950][:T]), torch.randn(T, *x.shape[1:], generator=g)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+@pytest.mark.parametrize("adapters", [False, True])
+def test_tiny_errors_equal_loop_for_any_chunking(tiny, kv_cache, adapters):
+    bb = load_backbone("tiny") if adapters else tiny
+    ids = None
+    if adapters:
+        with_adapters(bb.unet, 3)
+        ids = torch.tensor([2, -1, 0, 1])
+    x, cond, ts, noise = inputs(bb)
+    with torch.no_grad():
+        ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
+        clf = DiffusionClassifier(bb.unet, bb.scheduler, kv_cache=kv_cache)
+        for bs in (None, 1, 7):
+            torch.testing.assert_close(clf.errors(x, cond, ts, noise, ids, batch_size=bs), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sd_unet_errors_equal_loop(sd_dirs, prediction_type):
+    bb = load_backbone(sd_dirs[prediction_type])
+    with_adapters(bb.unet, 2, seed=1)
+    ids = torch.tensor([0, 1, -1, 0])
+    x, cond, ts, _ = inputs(bb, N=2, T=2)
+    noise = torch.randn(2, 2, *x.shape[1:], generator=torch.Generator().manual_seed(3))  # per-image noise
+    with torch.no_grad():
+        ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
+        got = DiffusionClassifier(bb.unet, bb.scheduler).errors(x, cond, ts, noise, ids, batch_size=5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_to_lora_equal_the_loop(tiny):
+    bb = load_backbone("tiny")
+    with_adapters(bb.unet, 2)
+    params = [p for l in lora_layers(bb.unet).values() for p in (l.lora_a, l.lora_b)]
+    for p in params:
+        p.requires_grad_(True)
+    x, cond, ts, noise = inputs(bb, N=1, T=2)
+    ids = torch.tensor([0, 1, -1, 1])
+    clf = DiffusionClassifier(bb.unet, bb.scheduler, temperature=0.1)
+    g_engine = torch.autograd.grad(torch.log_softmax(clf.logits(x, cond, ts, noise, ids, batch_size=3), 1)[:, 1].sum(), params)
+    ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
+    g_loop = torch.autograd.grad(torch.log_softmax(-ref.mean(2) / 0.1, 1)[:, 1].sum(), params)
+    for a, b in zip(g_engine, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a.abs().sum() > 0 for a in g_engine)
+
+
+def test_classify_with_stages_matches_exhaustive_and_is_deterministic(tiny):
+    x, cond, _, _ = inputs(tiny, N=3)
+    clf = DiffusionClassifier(tiny.unet, tiny.scheduler)
+    full = clf.classify(x, cond, stages=[(6, None)], generator=torch.Generator().manual_seed(0))
+    # keep=K never drops anything: same timesteps, same noise, same answer
+    staged = clf.classify(x, cond, stages=[(2, 4), (4, 4)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(staged.pred, full.pred)
+    torch.testing.assert_close(staged.errors, full.errors)
+    # pruning to the true winner's survivors still finds it
+    pruned = clf.classify(x, cond, stages=[(3, 2), (3, 1)], generator=torch.Generator().manual_seed(0))
+    assert pruned.errors[:, :, 3:].isnan().sum() > 0 and pruned.alive.sum(1).eq(1).all()
+    again = clf.classify(x, cond, stages=[(3, 2), (3, 1)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.pred, pruned.pred) and torch.equal(again.errors.nan_to_num(), pruned.errors.nan_to_num())
+    assert len(set(full.timesteps.tolist())) == 6  # distinct timesteps spread over the schedule
+
+
+def test_bad_shapes_name_the_argument(tiny):
+    x, cond, ts, noise = inputs(tiny)
+    clf = DiffusionClassifier(tiny.unet, tiny.scheduler)
+    with pytest.raises(ValueError, match="latents"):
+        clf.errors(x[0], cond, ts, noise)
+    with pytest.raises(ValueError, match="noise"):
+        clf.errors(x, cond, ts, noise[:2])
+    with pytest.raises(ValueError, match="timesteps"):
+        clf.errors(x, cond, ts.float(), noise)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        clf.errors(x, cond, ts, noise, adapter_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="stages"):
+        clf.classify(x, cond, stages=[])

@@ -35,9 +35,9 @@ def inputs(bb, N=2, T=3, seed=0):
     return x, cond, torch.tensor([50, 400, 950][:T]), torch.randn(T, *x.shape[1:], generator=g)
 
 
-@pytest.mark.parametrize("kv_cache", [True, False])
+@pytest.mark.parametrize("kv_cache,share_prefix", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("adapters", [False, True])
-def test_tiny_errors_equal_loop_for_any_chunking(tiny, kv_cache, adapters):
+def test_tiny_errors_equal_loop_for_any_chunking(tiny, kv_cache, share_prefix, adapters):
     bb = load_backbone("tiny") if adapters else tiny
     ids = None
     if adapters:
@@ -46,7 +46,8 @@ def test_tiny_errors_equal_loop_for_any_chunking(tiny, kv_cache, adapters):
     x, cond, ts, noise = inputs(bb)
     with torch.no_grad():
         ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
-        clf = DiffusionClassifier(bb.unet, bb.scheduler, kv_cache=kv_cache)
+        clf = DiffusionClassifier(bb.unet, bb.scheduler, kv_cache=kv_cache, share_prefix=share_prefix)
+        assert clf.share_prefix == share_prefix
         for bs in (None, 1, 7):
             torch.testing.assert_close(clf.errors(x, cond, ts, noise, ids, batch_size=bs), ref, rtol=1e-5, atol=1e-6)
 

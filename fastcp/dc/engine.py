@@ -10,6 +10,9 @@ rows are packed into large UNet batches:
 - each prompt is encoded once (the caller passes a Conditioning with K rows);
 - cross-attention keys/values are projected once per concept per call and gathered per row
   (``fastcp.dc.kv_cache``), not once per row;
+- the UNet work before the first cross-attention block (time embedding, conv_in, the
+  full-resolution down blocks of the tiny model) runs once per (image, timestep) and is expanded
+  to the concepts (``fastcp.dc.shared_prefix``);
 - concept k's rows run through LoRA slot ``adapter_ids[k]`` of the multi-adapter layers (-1 =
   base model), so every concept's adapter is evaluated in the same batch;
 - rows are chunked to ``batch_size`` (or a byte budget) with identical results for any chunking.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastcp.dc import shared_prefix
 from fastcp.dc.kv_cache import CachedCrossAttnProcessor, cached_cross_attention
 from fastcp.models.backbone import Conditioning
 from fastcp.nn import lora_layers, lora_routing
@@ -84,10 +88,13 @@ class DiffusionClassifier:
         scheduler: its noise scheduler (``alphas_cumprod``, ``config.prediction_type``).
         temperature: τ of ``logits = −mean_t err / τ``.
         kv_cache: project cross-attention K/V once per concept (exact; on by default).
+        share_prefix: compute the prompt-independent first blocks once per (image, timestep)
+            (exact; on by default where the UNet configuration allows it).
     """
 
-    def __init__(self, unet, scheduler, temperature: float = 1.0, kv_cache: bool = True):
+    def __init__(self, unet, scheduler, temperature: float = 1.0, kv_cache: bool = True, share_prefix: bool = True):
         self.unet, self.scheduler, self.temperature, self.kv_cache = unet, scheduler, temperature, kv_cache
+        self.share_prefix = share_prefix and shared_prefix.supports(unet)
 
     def _chunk_rows(self, rows: int, per_row_bytes: int, batch_size, max_batch_bytes) -> int:
         if batch_size is not None:
@@ -137,7 +144,12 @@ class DiffusionClassifier:
                 else:
                     kwargs = cond.select(k).unet_kwargs()
                 with route:
-                    pred = self.unet(noisy[n, t], ts[t], **kwargs).sample
+                    if self.share_prefix and cond.added_cond_kwargs is None:
+                        uniq, inverse = torch.unique(n * T + t, return_inverse=True)
+                        pred = shared_prefix.forward_shared_prefix(
+                            self.unet, noisy[uniq // T, uniq % T], ts[uniq % T], inverse, kwargs["encoder_hidden_states"])
+                    else:
+                        pred = self.unet(noisy[n, t], ts[t], **kwargs).sample
                 out.append(((pred.float() - target[n, t].float()) ** 2).mean(dim=(1, 2, 3)))
         return torch.cat(out).view(N, K, T)
 

@@ -1,0 +1,18 @@
+"""bench_dc runs on the CPU (tiny backbone, tiny sizes) and writes well-formed rows. No speed assertions."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_dc_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "bench_dc.py"), "--images", "1",
+                           "--concepts", "2", "--timesteps", "2", "--reps", "1", "--out_dir", str(tmp_path),
+                           "--out", "smoke"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"loop", "batched", "batched_no_kv", "batched_plain"}
+    for r in rows:
+        assert r["passes"] == 4 and r["passes_per_s"] > 0 and r["model"] == "tiny" and r["device"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastcp import checkpoint
 from fastcp.eval import report
 from fastcp.eval.metrics import METRICS, ContinualEvaluator
 from fastcp.methods import Context, get_method
@@ -79,18 +80,51 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     log_rows: list[dict] = []
     t_start = time.time()
     task_seconds = []
+    fp = checkpoint.fingerprint(args, concepts)
+    every = getattr(args, "checkpointing_steps", None)
+    keep = getattr(args, "checkpoints_total_limit", 2)
+    start_task, resume = 0, None
+    if getattr(args, "resume_from_checkpoint", None):
+        path = checkpoint.find(out, args.resume_from_checkpoint)
+        resume = checkpoint.load(path, fp)
+        checkpoint.load_model_state(bb, layers, resume["model"])
+        method.load_state_dict(resume["method"])
+        for m, rows in resume["matrix"].items():
+            evaluator.matrix[m] = rows
+        log_rows, task_seconds = resume["log_rows"], resume["task_seconds"]
+        t_start -= resume["elapsed"]
+        gen.set_state(resume["gen"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_task = resume["task"] + (1 if resume["phase"] == "done" else 0)
+        log(f"resuming from {path}: task {start_task + 1}, step {resume['step'] if resume['phase'] == 'train' else 0}")
+        if resume["phase"] == "done":
+            resume = None
+
+    def snapshot(n, step, phase, opt=None, losses=None):
+        return {"fingerprint": fp, "task": n, "step": step, "phase": phase, "model": checkpoint.model_state(bb, layers),
+                "optimizer": opt.state_dict() if opt is not None else None, "method": method.state_dict(),
+                "matrix": evaluator.matrix, "log_rows": log_rows, "task_seconds": task_seconds,
+                "losses": losses or [], "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "elapsed": time.time() - t_start}
+
     for n, concept in enumerate(concepts):
+        if n < start_task:
+            continue
         t0 = time.time()
         bb.unet.train()
         groups = method.begin_task(n)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        first_step, losses = 0, []
+        if resume is not None:  # inside task n: optimizer, losses and position from the checkpoint
+            opt.load_state_dict(resume["optimizer"])
+            first_step, losses = resume["step"], list(resume["losses"])
+            resume = None
         with torch.no_grad():
             # Earlier concepts' images exist only for references that may see them (joint).
             seen = concepts[: n + 1] if method.sees_all_concepts else [None] * n + [concept]
             latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
-        losses = []
-        bar = tqdm(range(args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}", leave=False,
-                   disable=None)
+        bar = tqdm(range(first_step, args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}",
+                   leave=False, disable=None)
         for step in bar:
             batch = method.sample_batch(n, latents, args.train_batch_size)
             with _autocast(args, bb.device):
@@ -109,6 +143,8 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+            if every and (step + 1) % every == 0 and step + 1 < args.max_train_steps:
+                checkpoint.save(out, snapshot(n, step + 1, "train", opt, losses), keep)
         bar.close()
         method.release_hooks()
         for p in (p for g in groups for p in g["params"]):
@@ -127,6 +163,8 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
                          "eval_seconds": round(eval_s, 2), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
                          "row": row})
         report.atomic_write_json(out / "train_log.json", {"method": args.method, "tasks": log_rows})
+        if every:
+            checkpoint.save(out, snapshot(n, args.max_train_steps, "done"), keep)
         shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
         log(f"task {n + 1}/{len(concepts)} {concept.name}: train {train_s:.1f}s, eval {eval_s:.1f}s, mean over concepts: {shown}")
 

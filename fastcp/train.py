@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=3.0)
     g.add_argument("--dc_timesteps", type=int, default=8, help="timesteps per image for dc_acc")
     g.add_argument("--dc_eval_images", type=int, default=4, help="held-out images per concept for dc_acc")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="save a resumable checkpoint every N steps inside a task and after every task")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (newest in --output_dir/checkpoints) or a checkpoint file")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, required=True)
     g.add_argument("--overwrite_output_dir", action="store_true",
@@ -123,9 +129,12 @@ def main(argv=None) -> int:
     # ---- validate everything before a single file is written
     if args.method not in METHODS:
         return _fail(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
-    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images"):
+    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images",
+                 "checkpoints_total_limit"):
         if getattr(args, name) < 1:
             return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
+        return _fail(f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.lora_targets == "auto":
@@ -146,6 +155,7 @@ def main(argv=None) -> int:
 
         judge = load_judge()
 
+    from fastcp.checkpoint import CheckpointError
     from fastcp.continual import TrainingError, run_continual
 
     t0 = time.time()
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         run = run_continual(args, backbone, concepts, judge)
-    except TrainingError as exc:
+    except (TrainingError, CheckpointError) as exc:
         return _fail(str(exc))
     print()
     print(run.table)

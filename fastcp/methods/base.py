@@ -90,6 +90,13 @@ class Method:
     def adapter_slot(self, n: int) -> int:
         return 0
 
+    def state_dict(self) -> dict:
+        """Method state beyond the LoRA layers and tokens (e.g. importance weights), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # ----------------------------------------------------------------- helpers shared by methods
     def slot_params(self, k: int) -> list[torch.nn.Parameter]:
         """Slot k's LoRA matrices are views of the per-layer [K, ...] parameters, so a method that

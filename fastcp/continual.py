@@ -63,7 +63,7 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     targets = tuple(method.lora_targets)
     if getattr(args, "lora_targets", "attn") == "attn_ff":
         targets += FEEDFORWARD_TARGETS
-    layers = inject_multi_lora(bb.unet, num_adapters=method.num_slots, rank=args.rank, alpha=args.lora_alpha,
+    layers = inject_multi_lora(bb.unet, num_adapters=method.slots_needed(len(concepts)), rank=args.rank, alpha=args.lora_alpha,
                                targets=targets)
     for c in concepts:
         init = c.class_word if getattr(args, "token_init", "class") == "class" else None

@@ -64,6 +64,11 @@ class Method:
         self.args = args
         self.ctx: Context | None = None
 
+    def slots_needed(self, num_concepts: int) -> int:
+        """Adapter slots to inject for a sequence of ``num_concepts`` (one per concept for
+        ``separate``/``fl2t``); called before ``setup``."""
+        return self.num_slots
+
     # ----------------------------------------------------------------- hooks
     def setup(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -1,22 +1,36 @@
-"""Triton kernels of the fused multi-LoRA linear (launchers + @triton.jit kernels, no autograd).
+"""Triton kernels of the fused multi-LoRA linear (launchers + @triton.jit kernels; no autograd, no nn).
 
-Two kernels cover forward and backward:
+Notation: x [M, IN] rows, W [N, IN], adapters A [K, r, IN], B [K, N, r], scale s [K], and a per-row,
+per-column gate  g[m, j] = s_k · gate[m, k]  for the adapter k that column j of the low-rank space
+belongs to. The op is  y = x Wᵀ + b + (g ⊙ S0) B_segᵀ  with  S0 = x A_segᵀ.
 
-``_shrink_kernel``   S[rows, :R] = gate ⊙ (X[rows] @ Pᵀ)         per row tile of one segment
-``_fused_kernel``    Y[rows, n]  = X[rows] @ Wᵀ[:, n] (+ b[n]) + S[rows, :R] @ Qᵀ[:, n]
+Rows are grouped into *segments* that share one low-rank pair:
 
-A *segment* is a set of rows that share one low-rank pair (P [R, IN], Q [N, R]): in routed mode
-one segment per adapter (rows found through a stable argsort of the ids — x is indexed, never
-permuted), plus a segment of base-only rows (id −1) that skips the LoRA term; in dense / all mode
-one segment of every row, with the K adapters stacked into one pair of rank K·r and the per-row
-gates applied to S. The LoRA term is added to the base GEMM's accumulator inside the output tile,
-so y makes one trip to memory.
+- routed mode: segment k < K holds the rows routed to adapter k, segment K the base-only rows
+  (id −1, no LoRA term). The grouping is a stable argsort of the ids used as an index table
+  (``rows``): x is gathered row by row inside the kernels, never permuted in memory. Segment
+  bounds (``seg_start``/``seg_end``) stay on the device; each program finds its segment by walking
+  the K+1 bounds (``_locate``), so no host sync and no per-tile table are needed, and the grid is
+  the upper bound  cdiv(M, BLOCK_M) + K + 1  (the few surplus programs do nothing).
+- dense / all mode: one segment of every row; the K adapters are read as one stacked pair of rank
+  R = K·r (column j belongs to adapter j // r; addressed through A's and B's strides, no copy) and
+  g carries the per-row coefficients (dense) or ones (all) times s.
 
-Backward reuses both with transposed operands (strides, not copies):
-``U = gate ⊙ (dy @ B)`` is a shrink with P = Bᵀ, and ``dx = dy @ W + U @ A`` is a fused GEMM with
-W → Wᵀ, Q → Aᵀ. dA = Uᵀ X and dB = dyᵀ S per segment come from ``_segment_outer_kernel``, which
-walks its segment's rows in a fixed order (no atomics: deterministic). Ranks are padded to a
-power of two >= 16 inside the kernels (masked loads), never in the API.
+Kernels (the rank is padded inside to BLOCK_R = next power of two >= 16, masked; never in the API):
+
+``_shrink_kernel``   S0[rows, :R] = x[rows] @ P_segᵀ                     (fp32, small)
+``_fused_kernel``    Y[rows, n]  = X[rows] @ Wᵀ[:, n] (+ b) + (g ⊙ S)[rows] @ Q_seg[n, :]ᵀ
+                     one write of each output tile: the LoRA term is added to the GEMM accumulator
+``_dy_pass_kernel``  backward, one read of dy for two results: U0 = dy @ B_seg and, per row tile,
+                     the partial dB_tile = dyᵀ (g ⊙ S0) (fp32, [tiles, N, R])
+``_outer_kernel``    split-K partials  P[split] = RT[rows]ᵀ (g ⊙ L)[rows]  (dA = Σ xᵀ(g⊙U0); dB when
+                     the dy-pass partials would need too much memory)
+``_reduce_kernel``   out_seg = Σ_{splits of seg, in index order} P[split]: a fixed order, no atomics,
+                     so every gradient is bit-reproducible for a given config.
+
+Backward = shrink (S0) → dy pass (U0, dB partials) → fused (dx = dy W + (g⊙U0) A, dy's 2nd read) →
+outer (dA partials, reads x) → reduce. dy is read twice (the U/dB pass and the dx GEMM); the dx
+GEMM cannot take U in the same pass because every dx tile needs all of U's OUT-sum first.
 """
 from __future__ import annotations
 
@@ -27,195 +41,421 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTCP_TRITON_AUTOTUNE=0 pins one config per kernel (results then also bit-identical across processes;
+# autotuning may pick different tile sizes in different processes, which changes fp summation order).
+AUTOTUNE = not INTERPRET and os.environ.get("FASTCP_TRITON_AUTOTUNE", "1") != "0"
+# The dy pass keeps one fp32 dB partial per row tile ([tiles, N, R]); above this many bytes dB is
+# computed by the split-K outer kernel instead (one more read of dy, bounded partial memory).
+DY_PASS_PARTIAL_BYTES = 256 << 20
+
+
+def _configs(full, small):
+    """Autotune candidates: ``full`` on GPU, the single ``small`` config in the interpreter (every launch
+    costs real time there) or when autotuning is off. One config means autotune does not benchmark."""
+    chosen = full if AUTOTUNE else [small]
+    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in chosen]
+
+
+_GEMM_SMALL = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), 4, 2) if INTERPRET else (
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3)
+_GEMM_CONFIGS = _configs([
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+    (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
+    (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32), 8, 4),
+    (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 4),
+    (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 4),
+    (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), 4, 4),
+    (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64), 4, 4),
+], _GEMM_SMALL)
+_SHRINK_SMALL = (dict(BLOCK_M=16, BLOCK_K=32), 4, 2) if INTERPRET else (dict(BLOCK_M=64, BLOCK_K=64), 4, 3)
+_SHRINK_CONFIGS = _configs([
+    (dict(BLOCK_M=64, BLOCK_K=64), 4, 3),
+    (dict(BLOCK_M=64, BLOCK_K=128), 4, 3),
+    (dict(BLOCK_M=128, BLOCK_K=64), 8, 3),
+    (dict(BLOCK_M=32, BLOCK_K=128), 4, 4),
+    (dict(BLOCK_M=16, BLOCK_K=256), 4, 3),
+], _SHRINK_SMALL)
+_DY_SMALL = (dict(BLOCK_O=32), 4, 2) if INTERPRET else (dict(BLOCK_O=64), 4, 3)
+_DY_CONFIGS = _configs([
+    (dict(BLOCK_O=64), 4, 3),
+    (dict(BLOCK_O=128), 4, 3),
+    (dict(BLOCK_O=128), 8, 3),
+    (dict(BLOCK_O=32), 4, 4),
+], _DY_SMALL)
+_OUTER_SMALL = (dict(BLOCK_M=16, BLOCK_N=32), 4, 2) if INTERPRET else (dict(BLOCK_M=64, BLOCK_N=128), 4, 3)
+_OUTER_CONFIGS = _configs([
+    (dict(BLOCK_M=64, BLOCK_N=128), 4, 3),
+    (dict(BLOCK_M=32, BLOCK_N=128), 4, 4),
+    (dict(BLOCK_M=64, BLOCK_N=64), 4, 4),
+    (dict(BLOCK_M=128, BLOCK_N=64), 8, 3),
+], _OUTER_SMALL)
+# Row-tile height of the dy pass is fixed (not tuned): its partial buffer is sized by it before launch.
+DY_BLOCK_M = 16 if INTERPRET else 64
+
+
+# ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _locate(item, SEG_START, SEG_END, NSEG, GRAIN):
+    """Work item ``item`` covers rows[start : min(start + GRAIN, end)] of segment ``seg``; items are numbered
+    segment by segment, cdiv(count, GRAIN) per segment. Past the last item: seg = -1, start = end = 0."""
+    seg = item * 0 - 1
+    start = item * 0
+    end = item * 0
+    base = item * 0
+    for s in range(0, NSEG):
+        a = tl.load(SEG_START + s)
+        b = tl.load(SEG_END + s)
+        n = (b - a + GRAIN - 1) // GRAIN
+        hit = (item >= base) & (item < base + n)
+        seg = tl.where(hit, s, seg)
+        start = tl.where(hit, a + (item - base) * GRAIN, start)
+        end = tl.where(hit, b, end)
+        base += n
+    return seg, start, end
 
 
 @triton.jit
-def _shrink_kernel(X, P, S, GATE, ROWS, TILE_SEG, TILE_START, SEG_START, SEG_END, SEG_P_OFF,
-                   IN, R, stride_xm, stride_xk, stride_pr, stride_pk, stride_sm, stride_gm, stride_gr,
-                   GATE_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """S[row, :R] = gate[row or seg, :R] * sum_k X[row, k] P_seg[:R, k] for the tile's rows."""
-    tile = tl.program_id(0)
-    seg = tl.load(TILE_SEG + tile)
-    start = tl.load(TILE_START + tile)
-    end = tl.load(SEG_END + seg)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(ROWS + offs_m, mask=m_mask, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    p_base = P + tl.load(SEG_P_OFF + seg)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < IN
-        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        p = tl.load(p_base + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
-                    mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        acc += tl.dot(x.to(tl.float32), p.to(tl.float32))
-    if GATE_PER_ROW:
-        g = tl.load(GATE + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+def _lowrank_offsets(seg, offs_r, RK, stride_k, stride_j, STACKED: tl.constexpr):
+    """Element offset of low-rank column j in a [K, ·, r]-strided adapter tensor: adapter = seg (routed) or
+    j // r (stacked), rank index j % r."""
+    if STACKED:
+        return (offs_r // RK) * stride_k + (offs_r % RK) * stride_j
     else:
-        g = tl.load(GATE + seg * stride_gm + offs_r[None, :] * stride_gr, mask=r_mask[None, :], other=0.0)
-    acc = acc * g.to(tl.float32)
-    tl.store(S + rows[:, None] * stride_sm + offs_r[None, :], acc.to(S.dtype.element_ty),
-             mask=m_mask[:, None] & r_mask[None, :])
+        return tl.maximum(seg, 0) * stride_k + offs_r * stride_j
 
 
 @triton.jit
-def _fused_kernel(X, W, BIAS, S, Q, Y, ROWS, TILE_SEG, TILE_START, SEG_END, SEG_Q_OFF, SEG_HAS_LORA,
-                  IN, N, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_qn, stride_qr, stride_ym,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """Y[rows, n] = X[rows] @ W[n, :]ᵀ (+ bias) + S[rows, :R] @ Q_seg[n, :R]ᵀ, written once."""
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    seg = tl.load(TILE_SEG + tile)
-    start = tl.load(TILE_START + tile)
-    end = tl.load(SEG_END + seg)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(ROWS + offs_m, mask=m_mask, other=0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < IN
-        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-    if tl.load(SEG_HAS_LORA + seg) != 0:
+def _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride_gk,
+          STACKED: tl.constexpr, ROW_GATES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """g [BLOCK_M, BLOCK_R] fp32 = s_k (· gate[row, k] in dense mode); 0 on padded columns."""
+    if STACKED:
+        kk = offs_r // RK
+    else:
+        kk = offs_r * 0 + tl.maximum(seg, 0)
+    s = tl.load(SCALE + kk, mask=r_mask, other=0.0).to(tl.float32)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32) + s[None, :]
+    if ROW_GATES:
+        g = g * tl.load(GATES + rows[:, None] * stride_gm + kk[None, :] * stride_gk,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    return g
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "IN", "R"])
+@triton.jit
+def _shrink_kernel(X, P, S, ROWS, SEG_START, SEG_END, NSEG, NLORA, M_BUCKET, IN, R, RK,
+                   stride_xm, stride_xi, stride_pk, stride_pj, stride_pi, stride_sm,
+                   STACKED: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S[row, j] = Σ_i X[row, i] P_seg[j, i] (fp32) for the rows of one tile of a LoRA segment."""
+    seg, start, end = _locate(tl.program_id(0), SEG_START, SEG_END, NSEG, BLOCK_M)
+    if (seg >= 0) & (seg < NLORA):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        s = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        q = tl.load(Q + tl.load(SEG_Q_OFF + seg) + offs_n[None, :] * stride_qn + offs_r[:, None] * stride_qr,
-                    mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-        acc += tl.dot(s.to(tl.float32), q.to(tl.float32))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+        p_cols = _lowrank_offsets(seg, offs_r, RK, stride_pk, stride_pj, STACKED)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < IN
+            x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xi,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            p = tl.load(P + p_cols[None, :] + offs_k[:, None] * stride_pi,
+                        mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(x, p, acc, input_precision=PREC)
+        tl.store(S + rows[:, None] * stride_sm + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "IN", "R"])
+@triton.jit
+def _fused_kernel(X, W, BIAS, S, Q, Y, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, M_BUCKET, IN, N, R, RK,
+                  stride_xm, stride_xi, stride_wn, stride_wi, stride_sm, stride_qk, stride_qn, stride_qj,
+                  stride_gm, stride_gk, stride_ym,
+                  HAS_BIAS: tl.constexpr, STACKED: tl.constexpr, ROW_GATES: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y[rows, n] = X[rows] @ W[n, :]ᵀ (+ b[n]) + (g ⊙ S)[rows] @ Q_seg[n, :]ᵀ, each tile written once."""
+    seg, start, end = _locate(tl.program_id(0), SEG_START, SEG_END, NSEG, BLOCK_M)
+    if seg >= 0:
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < IN
+            x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xi,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wi,
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PREC)
+        if seg < NLORA:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            sm = m_mask[:, None] & r_mask[None, :]
+            s = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :], mask=sm, other=0.0)
+            s = s * _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride_gk,
+                          STACKED, ROW_GATES, BLOCK_M, BLOCK_R)
+            q_cols = _lowrank_offsets(seg, offs_r, RK, stride_qk, stride_qj, STACKED)
+            q = tl.load(Q + q_cols[:, None] + offs_n[None, :] * stride_qn, mask=r_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            # S in the operand dtype (bf16/fp16 on GPU) so the LoRA term uses the tensor cores as well
+            acc = tl.dot(s.to(q.dtype), q, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "OUT", "R"])
+@triton.jit
+def _dy_pass_kernel(DY, B, S0, U0, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, M_BUCKET, OUT, R, RK,
+                    stride_dm, stride_do, stride_bk, stride_bo, stride_bj, stride_sm, stride_um, stride_pt, stride_po,
+                    stride_gm, stride_gk,
+                    STACKED: tl.constexpr, ROW_GATES: tl.constexpr, WITH_DB: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One read of dy[rows] per row tile: U0[rows] = dy[rows] @ B_seg (fp32) and, with WITH_DB, this tile's
+    dB partial PART[tile, o, j] = Σ_{rows} dy[row, o] (g ⊙ S0)[row, j]."""
+    tile = tl.program_id(0)
+    seg, start, end = _locate(tile, SEG_START, SEG_END, NSEG, BLOCK_M)
+    if (seg >= 0) & (seg < NLORA):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        b_cols = _lowrank_offsets(seg, offs_r, RK, stride_bk, stride_bj, STACKED)
+        if WITH_DB:
+            sg = tl.load(S0 + rows[:, None] * stride_sm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                         other=0.0)
+            sg = sg * _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride_gk,
+                            STACKED, ROW_GATES, BLOCK_M, BLOCK_R)
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for o0 in range(0, OUT, BLOCK_O):
+            offs_o = o0 + tl.arange(0, BLOCK_O)
+            o_mask = offs_o < OUT
+            dy = tl.load(DY + rows[:, None] * stride_dm + offs_o[None, :] * stride_do,
+                         mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+            b = tl.load(B + offs_o[:, None] * stride_bo + b_cols[None, :], mask=o_mask[:, None] & r_mask[None, :],
+                        other=0.0)
+            u = tl.dot(dy, b, u, input_precision=PREC)
+            if WITH_DB:
+                part = tl.dot(tl.trans(dy), sg.to(dy.dtype), input_precision=PREC)
+                tl.store(PART + tile.to(tl.int64) * stride_pt + offs_o[:, None] * stride_po + offs_r[None, :], part,
+                         mask=o_mask[:, None] & r_mask[None, :])
+        tl.store(U0 + rows[:, None] * stride_um + offs_r[None, :], u, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.autotune(configs=_OUTER_CONFIGS, key=["SPLIT", "N", "R"])
+@triton.jit
+def _outer_kernel(L, RT, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, SPLIT, N, R, RK,
+                  stride_lm, stride_rm, stride_rn, stride_pt, stride_pn, stride_gm, stride_gk,
+                  STACKED: tl.constexpr, ROW_GATES: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Split-K partial PART[split, n, j] = Σ_{rows of the split, in order} RT[row, n] (g ⊙ L)[row, j]."""
+    split = tl.program_id(0)
+    seg, start, end = _locate(split, SEG_START, SEG_END, NSEG, SPLIT)
+    if (seg >= 0) & (seg < NLORA):
+        stop = tl.minimum(start + SPLIT, end)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for m0 in range(start, stop, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < stop
+            rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+            lg = tl.load(L + rows[:, None] * stride_lm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                         other=0.0)
+            lg = lg * _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride_gk,
+                            STACKED, ROW_GATES, BLOCK_M, BLOCK_R)
+            rt = tl.load(RT + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(rt), lg.to(rt.dtype), acc, input_precision=PREC)
+        tl.store(PART + split.to(tl.int64) * stride_pt + offs_n[:, None] * stride_pn + offs_r[None, :], acc,
+                 mask=n_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
-def _segment_outer_kernel(L, RT, OUT, ROWS, SEG_START, SEG_END, SEG_OUT_OFF, R, N,
-                          stride_lm, stride_rm, stride_rn, stride_or, stride_on,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """OUT_seg[:R, n] = Σ_{rows of seg} L[row, :R]ᵀ RT[row, n], rows walked in a fixed order."""
+def _reduce_kernel(PART, OUT, SEG_START, SEG_END, GRAIN, N, R, RK, stride_pt, stride_pn,
+                   stride_ok, stride_on, stride_oj,
+                   STACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out_seg[n, j] = Σ_{work items of segment seg, in index order} PART[item, n, j] (zero for an empty
+    segment), written to the adapter tensor through its strides."""
     seg = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    start = tl.load(SEG_START + seg)
-    end = tl.load(SEG_END + seg)
+    base = seg * 0
+    for s in range(0, seg):
+        base += (tl.load(SEG_END + s) - tl.load(SEG_START + s) + GRAIN - 1) // GRAIN
+    count = (tl.load(SEG_END + seg) - tl.load(SEG_START + seg) + GRAIN - 1) // GRAIN
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
-        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0)
-        lt = tl.load(L + rows[None, :] * stride_lm + offs_r[:, None], mask=r_mask[:, None] & m_mask[None, :], other=0.0)
-        rt = tl.load(RT + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(lt.to(tl.float32), rt.to(tl.float32))
-    out_base = OUT + tl.load(SEG_OUT_OFF + seg)
-    tl.store(out_base + offs_r[:, None] * stride_or + offs_n[None, :] * stride_on, acc.to(OUT.dtype.element_ty),
-             mask=r_mask[:, None] & n_mask[None, :])
+    mask = n_mask[:, None] & r_mask[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t in range(base, base + count):
+        acc += tl.load(PART + t * stride_pt + offs_n[:, None] * stride_pn + offs_r[None, :], mask=mask,
+                       other=0.0)
+    cols = _lowrank_offsets(seg, offs_r, RK, stride_ok, stride_oj, STACKED)
+    tl.store(OUT + cols[None, :] + offs_n[:, None] * stride_on, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launch helpers
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+# ----------------------------------------------------------------------------- launchers
+def block_r(R: int) -> int:
+    """Rank padded for tl.dot: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(R)))
 
 
-def _blocks(M: int, N: int, IN: int):
-    """Tile sizes keyed by shape. Interpreter: one small config (every launch costs ~0.5 s)."""
-    if INTERPRET:
-        return 16, 32, 32
-    bm = 64 if M >= 64 else 16
-    bn = 128 if N >= 128 else 64
-    bk = 64 if IN >= 64 else 32
-    return bm, bn, bk
+def _m_bucket(M: int) -> int:
+    # autotune key: nearby row counts share a config instead of retuning per batch size
+    return triton.next_power_of_2(max(int(M), 1))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 products unless torch allows TF32 for matmuls; 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 class Segments:
-    """Row segments and their tiles. ``rows`` [M] int32 are row indices grouped by segment;
-    segment s covers rows[start[s]:end[s]]; tiles are (segment, start) pairs of BLOCK_M rows."""
+    """Rows grouped by low-rank pair, all on the device.
 
-    def __init__(self, rows, start, end, block_m, device):
-        self.rows = rows.to(device=device, dtype=torch.int32).contiguous()
-        self.start = torch.as_tensor(start, dtype=torch.int32, device=device)
-        self.end = torch.as_tensor(end, dtype=torch.int32, device=device)
-        tile_seg, tile_start = [], []
-        for s, (a, b) in enumerate(zip(start, end)):
-            for t in range(a, b, block_m):
-                tile_seg.append(s)
-                tile_start.append(t)
-        self.tile_seg = torch.tensor(tile_seg, dtype=torch.int32, device=device)
-        self.tile_start = torch.tensor(tile_start, dtype=torch.int32, device=device)
-        self.num_tiles = len(tile_seg)
-        self.num = len(start)
+    rows [M] int32: row indices grouped segment by segment; segment s is rows[start[s]:end[s]].
+    nlora: segments 0..nlora-1 carry a LoRA term (later ones are base-only rows).
+    stacked: True when one segment holds every row and the K adapters act as one pair of rank K·r.
+    """
+
+    def __init__(self, rows: torch.Tensor, start: torch.Tensor, end: torch.Tensor, nlora: int, stacked: bool):
+        self.rows, self.start, self.end = rows, start, end
+        self.num, self.nlora, self.stacked = int(start.numel()), nlora, stacked
+        self.M = int(rows.numel())
+
+    def max_items(self, grain: int) -> int:
+        """Upper bound of Σ_s cdiv(count_s, grain): the grid size of a launch over this segmentation."""
+        return triton.cdiv(self.M, grain) + self.num
 
 
-def routed_segments(row_ids: torch.Tensor, K: int, block_m: int) -> Segments:
-    """Segments 0..K-1 = adapters, segment K = base-only rows (id -1)."""
+def routed_segments(row_ids: torch.Tensor, K: int) -> Segments:
+    """Segments 0..K-1 = rows of adapter k (ascending row order), segment K = base-only rows (id -1).
+    Device-only (stable sort + bincount + cumsum): no host sync."""
+    if row_ids.dim() != 1:
+        raise ValueError(f"row_ids: expected [M], got {list(row_ids.shape)}")
     ids = row_ids.long()
     key = torch.where(ids < 0, torch.full_like(ids, K), ids)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=K + 1).tolist()  # one small host sync per call
-    start, pos = [], 0
-    for c in counts:
-        start.append(pos)
-        pos += c
-    end = [s + c for s, c in zip(start, counts)]
-    return Segments(order, start, end, block_m, row_ids.device)
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(key, minlength=K + 1)[: K + 1]
+    end = torch.cumsum(counts, 0)
+    return Segments(order, (end - counts).to(torch.int32), end.to(torch.int32), K, stacked=False)
 
 
-def single_segment(M: int, block_m: int, device) -> Segments:
-    return Segments(torch.arange(M, device=device), [0], [M], block_m, device)
+def stacked_segments(M: int, device) -> Segments:
+    """One segment of every row (dense / all modes)."""
+    return Segments(torch.arange(M, dtype=torch.int32, device=device),
+                    torch.zeros(1, dtype=torch.int32, device=device),
+                    torch.full((1,), M, dtype=torch.int32, device=device), 1, stacked=True)
 
 
-def shrink(x, p, p_offsets, p_strides, gates, gate_per_row, segs: Segments, R: int, out_dtype=torch.float32):
-    """S [M, R] (fp32): per segment, gate ⊙ (x[rows] @ p_segᵀ). Segment s's [R, IN] block starts
-    ``p_offsets[s]`` elements into ``p`` with strides ``p_strides`` = (along R, along IN)."""
+def _gate_args(gates):
+    # routed / all: no row gates; a dummy pointer with zero strides is never read (ROW_GATES=False)
+    if gates is None:
+        return None, 0, 0, False
+    return gates, gates.stride(0), gates.stride(1), True
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, segs: Segments, R: int, RK: int) -> torch.Tensor:
+    """S0 [M, R] fp32 = x[rows] @ A_segᵀ for rows of LoRA segments (other rows are left unwritten).
+
+    x [M, IN]; lora_a [K, r, IN] with RK = r; R = r (routed) or K·r (stacked)."""
     M, IN = x.shape
-    S = torch.zeros(M, R, dtype=out_dtype, device=x.device)
-    if segs.num_tiles == 0:
-        return S
-    bm, _, bk = _blocks(M, R, IN)
-    _shrink_kernel[(segs.num_tiles,)](
-        x, p, S, gates, segs.rows, segs.tile_seg, segs.tile_start, segs.start, segs.end, p_offsets,
-        IN, R, x.stride(0), x.stride(1), p_strides[0], p_strides[1], S.stride(0), gates.stride(0), gates.stride(1),
-        GATE_PER_ROW=gate_per_row, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_pow2_at_least_16(R))
+    S = torch.empty(M, R, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (segs.max_items(meta["BLOCK_M"]),)  # noqa: E731
+    _shrink_kernel[grid](
+        x, lora_a, S, segs.rows, segs.start, segs.end, segs.num, segs.nlora, _m_bucket(M), IN, R, RK,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), S.stride(0),
+        STACKED=segs.stacked, PREC=dot_precision(x.dtype), BLOCK_R=block_r(R))
     return S
 
 
-def fused(x, w, w_strides, bias, S, q, q_offsets, q_strides, seg_has_lora, segs: Segments, N: int, R: int, out_dtype):
-    """Y [M, N] = x @ wᵀ (+ bias) + S @ q_segᵀ, one write per output tile."""
+def fused(x, w, w_strides, bias, S, q, q_strides, scale, gates, segs: Segments, N: int, R: int, RK: int,
+          out_dtype) -> torch.Tensor:
+    """Y [M, N] = x @ wᵀ (+ bias) + (g ⊙ S) @ q_segᵀ, one write per output tile.
+
+    x [M, IN]; w addressed as w[n, i] through ``w_strides`` = (along N, along IN) (pass W's strides
+    swapped to multiply by W instead of Wᵀ); S [M, R] fp32; q a [K, ·, r] adapter tensor addressed through
+    ``q_strides`` = (adapter, along N, rank); scale [K] fp32; gates [M, K] (dense) or None."""
     M, IN = x.shape
     Y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    bm, bn, bk = _blocks(M, N, IN)
-    grid = (segs.num_tiles, triton.cdiv(N, bn))
+    g, sgm, sgk, row_gates = _gate_args(gates)
+    grid = lambda meta: (segs.max_items(meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _fused_kernel[grid](
-        x, w, bias if bias is not None else x, S, q, Y, segs.rows, segs.tile_seg, segs.tile_start, segs.end,
-        q_offsets, seg_has_lora, IN, N, R, x.stride(0), x.stride(1), w_strides[0], w_strides[1], S.stride(0),
-        q_strides[0], q_strides[1], Y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_pow2_at_least_16(R))
+        x, w, bias if bias is not None else x, S, q, Y, segs.rows, segs.start, segs.end, segs.num, segs.nlora,
+        scale, g if g is not None else scale, _m_bucket(M), IN, N, R, RK,
+        x.stride(0), x.stride(1), w_strides[0], w_strides[1], S.stride(0), q_strides[0], q_strides[1], q_strides[2],
+        sgm, sgk, Y.stride(0),
+        HAS_BIAS=bias is not None, STACKED=segs.stacked, ROW_GATES=row_gates, PREC=dot_precision(x.dtype),
+        BLOCK_R=block_r(R))
     return Y
 
 
-def segment_outer(L, RT, segs: Segments, out, out_offsets, out_strides, R: int, N: int, num_segments: int):
-    """out_seg[:R, :N] = L[rows]ᵀ RT[rows] for the first ``num_segments`` segments."""
-    M = L.shape[0]
-    bm, bn, _ = _blocks(M, N, N)
-    grid = (num_segments, triton.cdiv(N, bn))
-    _segment_outer_kernel[grid](
-        L, RT, out, segs.rows, segs.start, segs.end, out_offsets, R, N,
-        L.stride(0), RT.stride(0), RT.stride(1), out_strides[0], out_strides[1],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_pow2_at_least_16(R))
+def _reduce(part, grain, out, out_strides, segs: Segments, N: int, R: int, RK: int):
+    """out (an adapter tensor [K, ·, r], written through ``out_strides`` = (adapter, along N, rank))."""
+    bn = 32 if INTERPRET else 64
+    _reduce_kernel[(segs.nlora, triton.cdiv(N, bn))](
+        part, out, segs.start, segs.end, grain, N, R, RK, part.stride(0), part.stride(1),
+        out_strides[0], out_strides[1], out_strides[2],
+        STACKED=segs.stacked, BLOCK_N=bn, BLOCK_R=block_r(R), num_warps=4)
+
+
+def _split_rows(M: int, N: int) -> int:
+    """Rows per split-K work item of ``outer``: enough items to fill the GPU (~2 waves of 132 SMs over the
+    N blocks), each a multiple of 64 rows. Small in the interpreter so tests cover multi-split sums."""
+    if INTERPRET:
+        return 32
+    items = max(1, 264 // triton.cdiv(N, 128))
+    return max(64, triton.cdiv(triton.cdiv(M, items), 64) * 64)
+
+
+def outer(L, RT, scale, gates, segs: Segments, out, out_strides, N: int, R: int, RK: int):
+    """out_seg[n, j] = Σ_{rows of seg} RT[row, n] (g ⊙ L)[row, j]: split-K partials + fixed-order reduction.
+
+    L [M, R] fp32 (U0 or S0), RT [M, N] (x or dy); out an adapter tensor written through ``out_strides``."""
+    M = RT.shape[0]
+    split = _split_rows(M, N)
+    items = segs.max_items(split)
+    part = torch.empty(items, N, R, dtype=torch.float32, device=RT.device)
+    g, sgm, sgk, row_gates = _gate_args(gates)
+    grid = lambda meta: (items, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _outer_kernel[grid](
+        L, RT, part, segs.rows, segs.start, segs.end, segs.num, segs.nlora, scale, g if g is not None else scale,
+        split, N, R, RK, L.stride(0), RT.stride(0), RT.stride(1), part.stride(0), part.stride(1), sgm, sgk,
+        STACKED=segs.stacked, ROW_GATES=row_gates, PREC=dot_precision(RT.dtype), BLOCK_R=block_r(R))
+    _reduce(part, split, out, out_strides, segs, N, R, RK)
     return out
+
+
+def dy_pass(dy, lora_b, S0, scale, gates, segs: Segments, R: int, RK: int, db=None):
+    """U0 [M, R] fp32 = dy[rows] @ B_seg, and with ``db`` ([K, OUT, r], written in place) dB_k = Σ dyᵀ (g ⊙ S0)
+    from the same read of dy (per-tile partials, fixed-order reduction). Returns (U0, whether dB was done):
+    dB is skipped when its partials would exceed DY_PASS_PARTIAL_BYTES."""
+    M, OUT = dy.shape
+    tiles = segs.max_items(DY_BLOCK_M)
+    with_db = db is not None and tiles * OUT * R * 4 <= DY_PASS_PARTIAL_BYTES
+    U0 = torch.empty(M, R, dtype=torch.float32, device=dy.device)
+    part = torch.empty((tiles, OUT, R) if with_db else (1, 1, 1), dtype=torch.float32, device=dy.device)
+    g, sgm, sgk, row_gates = _gate_args(gates)
+    _dy_pass_kernel[(tiles,)](
+        dy, lora_b, S0 if S0 is not None else U0, U0, part, segs.rows, segs.start, segs.end, segs.num, segs.nlora,
+        scale, g if g is not None else scale, _m_bucket(M), OUT, R, RK,
+        dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        (S0 if S0 is not None else U0).stride(0), U0.stride(0), part.stride(0), part.stride(1), sgm, sgk,
+        STACKED=segs.stacked, ROW_GATES=row_gates, WITH_DB=with_db, PREC=dot_precision(dy.dtype),
+        BLOCK_M=DY_BLOCK_M, BLOCK_R=block_r(R))
+    if with_db:
+        _reduce(part, DY_BLOCK_M, db, (db.stride(0), db.stride(1), db.stride(2)), segs, OUT, R, RK)
+    return U0, with_db

@@ -45,6 +45,53 @@ def _autocast(args, device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
 
+class DataParallel:
+    """Plain data parallelism over torch.distributed, set up from the environment that
+    ``torchrun`` / ``accelerate launch`` provide (WORLD_SIZE, RANK, MASTER_ADDR...).
+
+    Every process holds the whole (small) trainable state, trains on its slice of the global
+    batch and averages gradients with one all-reduce per parameter; only rank 0 evaluates and
+    writes files. With WORLD_SIZE unset this is a no-op single process.
+    """
+
+    def __init__(self):
+        import os
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.owns_group = True
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.main = self.rank == 0
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        if self.world == 1:
+            return bool(torch.isfinite(loss))
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+        self.dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def average_gradients(self, params) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                self.dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            self.dist.destroy_process_group()
+
+
 def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     """Train ``concepts`` in order with ``args.method`` and evaluate after every task.
 
@@ -56,6 +103,9 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     from fastcp.models.lora_io import save_concept_embeddings, save_lora_adapter
 
     out = Path(args.output_dir)
+    dp = DataParallel()
+    if not dp.main:
+        log = lambda *a, **k: None  # noqa: E731  (one voice: rank 0)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     method = get_method(args.method)(args)
@@ -124,13 +174,15 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
             seen = concepts[: n + 1] if method.sees_all_concepts else [None] * n + [concept]
             latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
         bar = tqdm(range(first_step, args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}",
-                   leave=False, disable=None)
+                   leave=False, disable=None if dp.main else True)
         for step in bar:
-            batch = method.sample_batch(n, latents, args.train_batch_size)
+            # --train_batch_size is per process: the global batch is world × that, drawn alike
+            # everywhere (same generator state), each process keeping its own rows.
+            batch = method.sample_batch(n, latents, args.train_batch_size * dp.world).shard(dp.rank, dp.world)
             with _autocast(args, bb.device):
                 terms = method.loss(batch)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
+            if not dp.all_finite(loss.detach()):
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
                     f"the {n} finished task(s) are saved in {out}"
@@ -138,24 +190,30 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for g in groups for p in g["params"]]
+            dp.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
-            if every and (step + 1) % every == 0 and step + 1 < args.max_train_steps:
+            if dp.main and every and (step + 1) % every == 0 and step + 1 < args.max_train_steps:
                 checkpoint.save(out, snapshot(n, step + 1, "train", opt, losses), keep)
         bar.close()
         method.release_hooks()
         for p in (p for g in groups for p in g["params"]):
             p.requires_grad_(False)
         task_dir = out / f"task_{n + 1:02d}_{concept.name}"
-        save_lora_adapter(bb.unet, task_dir, slot=method.adapter_slot(n),
-                          metadata={"fastcp_method": args.method, "fastcp_task": str(n + 1), "fastcp_concept": concept.name})
-        save_concept_embeddings(bb, task_dir, [concept.token])
+        if dp.main:
+            save_lora_adapter(bb.unet, task_dir, slot=method.adapter_slot(n),
+                              metadata={"fastcp_method": args.method, "fastcp_task": str(n + 1),
+                                        "fastcp_concept": concept.name})
+            save_concept_embeddings(bb, task_dir, [concept.token])
         method.end_task(n)
         train_s = time.time() - t0
         t1 = time.time()
+        if not dp.main:  # the others wait while rank 0 evaluates and writes
+            dp.barrier()
+            continue
         row = evaluator.evaluate_row(n)
         eval_s = time.time() - t1
         task_seconds.append(train_s)
@@ -165,9 +223,13 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         report.atomic_write_json(out / "train_log.json", {"method": args.method, "tasks": log_rows})
         if every:
             checkpoint.save(out, snapshot(n, args.max_train_steps, "done"), keep)
+        dp.barrier()
         shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
         log(f"task {n + 1}/{len(concepts)} {concept.name}: train {train_s:.1f}s, eval {eval_s:.1f}s, mean over concepts: {shown}")
 
+    if not dp.main:
+        dp.close()
+        return RunResult(results={}, table="", output_dir=out, task_seconds=task_seconds)
     summary = evaluator.summary()
     results = {
         "method": args.method,
@@ -182,5 +244,6 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         report.save_heatmap(s["matrix"], names, f"{args.method}: {m}", out / f"{m}_heatmap.png", METRICS[m])
     report.save_sample_grid(evaluator.samples_for_grid(), names, out / "samples.png")
     report.atomic_write_json(out / "results.json", results)
+    dp.close()
     return RunResult(results=results, table=report.format_table(summary, names), output_dir=out, task_seconds=task_seconds)
 

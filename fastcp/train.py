@@ -159,15 +159,19 @@ def main(argv=None) -> int:
     from fastcp.continual import TrainingError, run_continual
 
     t0 = time.time()
-    print(f"fastcp: {args.method} on {backbone.name}, {len(concepts)} concepts: {', '.join(c.name for c in concepts)}")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastcp: {args.method} on {backbone.name}, {len(concepts)} concepts: {', '.join(c.name for c in concepts)}")
     out.mkdir(parents=True, exist_ok=True)
     try:
         run = run_continual(args, backbone, concepts, judge)
     except (TrainingError, CheckpointError) as exc:
         return _fail(str(exc))
-    print()
-    print(run.table)
-    print(f"\nfinished in {time.time() - t0:.0f}s; results in {out / 'results.json'}")
+    if run.table:  # rank 0 (or the only process)
+        print()
+        print(run.table)
+        print(f"\nfinished in {time.time() - t0:.0f}s; results in {out / 'results.json'}")
     return 0
 
 

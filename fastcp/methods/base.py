@@ -35,6 +35,16 @@ class TaskBatch:
     prompts: list[str]
     task: int
     concept_ids: torch.Tensor | None = None
+    #: data parallel: this process holds rows ``rows`` of a global batch of ``global_size`` rows
+    rows: slice | None = None
+    global_size: int | None = None
+
+    def shard(self, rank: int, world: int) -> "TaskBatch":
+        """The contiguous slice of this global batch that process ``rank`` of ``world`` trains on."""
+        b = len(self.prompts) // world
+        rows = slice(rank * b, (rank + 1) * b)
+        ids = self.concept_ids[rows] if self.concept_ids is not None else None
+        return TaskBatch(self.latents[rows], self.prompts[rows], self.task, ids, rows, len(self.prompts))
 
 
 @dataclass
@@ -139,12 +149,19 @@ class Method:
             h.remove()
         self._hooks = []
 
-    def noisy_inputs(self, latents: torch.Tensor):
-        """(x_t, t, target) for L_diff with the run's generator."""
+    def noisy_inputs(self, latents: torch.Tensor, batch: TaskBatch | None = None):
+        """(x_t, t, target) for L_diff with the run's generator.
+
+        Under data parallelism every process draws the noise and timesteps of the whole global
+        batch (the generator is in the same state everywhere) and keeps its own rows, so N
+        processes see exactly what one process with the global batch would."""
         sched = self.ctx.backbone.scheduler
         gen = self.ctx.generator
-        noise = torch.randn(latents.shape, generator=gen).to(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+        n_all = batch.global_size if batch is not None and batch.global_size else latents.shape[0]
+        noise = torch.randn((n_all, *latents.shape[1:]), generator=gen).to(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (n_all,), generator=gen).to(latents.device)
+        if batch is not None and batch.rows is not None:
+            noise, t = noise[batch.rows], t[batch.rows]
         x_t = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if self.ctx.backbone.prediction_type == "v_prediction" else noise
         return x_t, t, target
@@ -152,7 +169,7 @@ class Method:
     def diffusion_loss(self, batch: TaskBatch) -> torch.Tensor:
         """L_diff = mean ||target − ε_θ(x_t, t, p_n)||²."""
         bb = self.ctx.backbone
-        x_t, t, target = self.noisy_inputs(batch.latents)
+        x_t, t, target = self.noisy_inputs(batch.latents, batch)
         cond = bb.encode_prompt(batch.prompts)
         pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
         return F.mse_loss(pred.float(), target.float())

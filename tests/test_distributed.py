@@ -1,0 +1,42 @@
+"""Two processes (torchrun, gloo on CPU) give the adapters of one process with the same global batch."""
+import json
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+ARGS = ["--max_concepts", "2", "--max_train_steps", "4", "--num_eval_images", "2", "--eval_inference_steps", "2",
+        "--dc_timesteps", "2", "--dc_eval_images", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-P", "-m", "fastcp.train", "--output_dir", str(one), *ARGS,
+                             "--train_batch_size", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    env_cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "fastcp.train", "--output_dir", str(two), *ARGS,
+               "--train_batch_size", "2"]
+    dist = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"})
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    assert dist.stdout.count("finished in") == 1  # only rank 0 reports and writes
+    a, b = sorted(one.glob("task_*/*.safetensors")), sorted(two.glob("task_*/*.safetensors"))
+    assert [p.relative_to(one) for p in a] == [p.relative_to(two) for p in b] and len(a) == 4
+    for pa, pb in zip(a, b):
+        ta, tb = load_file(str(pa)), load_file(str(pb))
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5)
+    ra, rb = json.loads((one / "results.json").read_text()), json.loads((two / "results.json").read_text())
+    # held-out losses are continuous in the weights; fidelity/dc_acc are counts that a 1e-6 change may flip
+    loss_a = sum(ra["metrics"]["holdout_loss"]["matrix"], [])
+    loss_b = sum(rb["metrics"]["holdout_loss"]["matrix"], [])
+    assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(loss_a, loss_b))

@@ -1,77 +1,198 @@
-"""Triton backend (interpreter on CPU, fp32) against the reference: forward and every gradient."""
+"""Triton backend of the fused multi-LoRA op against the reference: forward and every gradient it returns.
+
+Without CUDA the kernels run on CPU in the Triton interpreter (fp32 only: its 16-bit tl.dot is wrong);
+TRITON_INTERPRET must be set before triton is first imported, hence the line above the imports (the
+conftest sets it too, for modules that import triton earlier). Each interpreted launch costs real time, so
+the cases are few and small except one odd-size case; sizes are chosen so that some adapter spans
+several row tiles (16 rows in the interpreter) and several split-K items (32 rows), which exercises the
+fixed-order reductions.
+"""
 import os
 
-import pytest
 import torch
 
-from fastcp.ops import multi_lora_linear
-from fastcp.ops.dispatch import get_backend
-from fastcp.ops.reference import multi_lora_linear_reference
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytestmark = pytest.mark.skipif(get_backend("triton").unavailable_reason() is not None,
-                                reason=f"triton: {get_backend('triton').unavailable_reason()}")
+import pytest  # noqa: E402
+
+from fastcp.ops.backends.base import LoraProblem  # noqa: E402
+from fastcp.ops.dispatch import get_backend  # noqa: E402
+from fastcp.ops.reference import multi_lora_linear_reference  # noqa: E402
+
+BE = get_backend("triton")
+pytestmark = pytest.mark.skipif(BE.unavailable_reason() is not None, reason=f"triton: {BE.unavailable_reason()}")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make(B, mid, inn, out, K, r, seed):
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    # CPU tensors reach the interpreter only when the backend is forced (see TritonBackend.refuse)
+    monkeypatch.setenv("FASTCP_BACKEND", "triton")
+
+
+def make_problem(M, inn, out, K, r, mode, seed, *, bias=True, strided=False):
+    """A LoraProblem with fp32 data; routed ids contain -1 and leave adapter 1 (when K > 1) without rows;
+    dense gates contain a row of zeros and a column of zeros."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, *mid, inn, generator=g), torch.randn(out, inn, generator=g) / inn**0.5,
-            torch.randn(out, generator=g), torch.randn(K, r, inn, generator=g) / inn**0.5,
-            torch.randn(K, out, r, generator=g), torch.rand(K, generator=g) + 0.5)
+    x = torch.randn(M, inn, generator=g)
+    W = torch.randn(out, inn, generator=g) / inn**0.5
+    b = torch.randn(out, generator=g) if bias else None
+    A = torch.randn(K, r, inn, generator=g) / inn**0.5
+    Bm = torch.randn(K, out, r, generator=g)
+    s = torch.rand(K, generator=g) + 0.5
+    if strided:
+        # the kernels address every operand through its strides: store W, A, B transposed and pass views
+        W = W.t().contiguous().t()
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)
+        Bm = Bm.transpose(1, 2).contiguous().transpose(1, 2)
+    ids = gates = None
+    if mode == "routed":
+        # adapter 0 gets many rows (several tiles / splits), 1 none, the rest spread; every 5th row base-only
+        ids = torch.tensor([-1 if m % 5 == 4 else (0 if m % 2 == 0 or K < 3 else 2 + m % (K - 2)) for m in range(M)],
+                           dtype=torch.int32)
+    elif mode == "dense":
+        gates = torch.randn(M, K, generator=g)
+        gates[1] = 0            # a base-only row
+        gates[:, -1] = 0        # an adapter switched off everywhere
+    to = dict(device=DEV)
+    p = LoraProblem(x.to(**to), W.to(**to), None if b is None else b.to(**to), A.to(**to), Bm.to(**to), s.to(**to),
+                    mode, None if ids is None else ids.to(**to), None if gates is None else gates.to(**to))
+    return p
 
 
-def run(fn, x, W, b, A, Bm, s, coef, ids, dy):
-    leaves = [t.clone().requires_grad_() for t in (x, W, b, A, Bm)] + ([coef.clone().requires_grad_()] if coef is not None else [])
-    y = fn(*leaves[:5], s, coef=leaves[5] if coef is not None else None, adapter_ids=ids)
-    return y, torch.autograd.grad(y, leaves, dy)
+def reference_grads(p: LoraProblem, dy):
+    """y and (dx, dA, dB, dg) from autograd of the reference, rows treated as samples."""
+    x, A, Bm = (t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b))
+    leaves = [x, A, Bm]
+    coef = ids = None
+    if p.mode == "dense":
+        coef = p.row_gates.detach().clone().requires_grad_()
+        leaves.append(coef)
+    elif p.mode == "all":
+        # "all" is dense with gates 1: the gradient with respect to those gates is what the backend returns
+        coef = torch.ones(p.x.shape[0], p.lora_a.shape[0], device=p.x.device, requires_grad=True)
+        leaves.append(coef)
+    else:
+        ids = p.row_ids.long()
+    y = multi_lora_linear_reference(x, p.weight, p.bias, A, Bm, p.scale, coef=coef, adapter_ids=ids)
+    grads = torch.autograd.grad(y, leaves, dy)
+    return y.detach(), (grads + (None,))[:4]
 
 
 CASES = [
-    # (B, mid, in, out, K, r, mode)
-    (3, (5,), 31, 25, 1, 1, "all"),
-    (4, (3,), 310, 250, 3, 3, "routed"),
-    (5, (7,), 40, 33, 16, 16, "routed"),
-    (3, (2, 3), 24, 20, 3, 3, "dense"),
-    (6, (), 17, 19, 16, 1, "dense"),
-    (2, (9,), 20, 36, 3, 16, "all"),
+    # (M, in, out, K, r, mode)
+    (7, 31, 25, 1, 1, "all"),
+    (13, 24, 20, 3, 3, "all"),
+    (9, 20, 18, 16, 16, "all"),       # stacked rank 256
+    (37, 310, 250, 3, 3, "routed"),   # odd sizes, several tiles
+    (85, 40, 33, 16, 16, "routed"),   # adapter 0: 34 rows = 3 tiles, 2 splits; adapter 1 empty
+    (21, 24, 20, 1, 16, "routed"),
+    (23, 24, 20, 3, 3, "dense"),
+    (19, 17, 19, 16, 1, "dense"),
+    (40, 20, 36, 3, 16, "dense"),     # stacked rank 48 -> padded to 64; 2 tiles, 2 splits
 ]
 
 
-@pytest.mark.parametrize("B,mid,inn,out,K,r,mode", CASES)
-def test_triton_matches_reference(monkeypatch, B, mid, inn, out, K, r, mode):
-    monkeypatch.setenv("FASTCP_BACKEND", "triton")
-    x, W, b, A, Bm, s = make(B, mid, inn, out, K, r, seed=B * 100 + K)
-    coef = ids = None
-    if mode == "dense":
-        coef = torch.randn(B, K)
-        coef[0] = 0          # a base-only sample
-        coef[:, -1] = 0      # an adapter off everywhere
-    elif mode == "routed":
-        ids = torch.tensor([(i * 7) % K if i % 3 else -1 for i in range(B)])  # -1 rows, adapters with no rows
-    dy = torch.randn(B, *mid, out, generator=torch.Generator().manual_seed(7))
-    y, grads = run(multi_lora_linear, x, W, b, A, Bm, s, coef, ids, dy)
-    y_ref, grads_ref = run(multi_lora_linear_reference, x, W, b, A, Bm, s, coef, ids, dy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    for name, g, gr in zip(["x", "weight", "bias", "lora_a", "lora_b", "coef"], grads, grads_ref):
-        torch.testing.assert_close(g, gr, rtol=1e-4, atol=2e-4, msg=lambda m: f"d{name}: {m}")
+@pytest.mark.parametrize("M,inn,out,K,r,mode", CASES)
+def test_forward_and_gradients_match_reference(M, inn, out, K, r, mode):
+    p = make_problem(M, inn, out, K, r, mode, seed=M * 31 + K)
+    dy = torch.randn(M, out, generator=torch.Generator().manual_seed(7)).to(DEV)
+    y = BE.forward(p)
+    dx, da, db, dg = BE.backward(p, dy, True, True, True, True)
+    y_ref, (dx_ref, da_ref, db_ref, dg_ref) = reference_grads(p, dy)
+    tol = dict(rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol, msg=lambda m: f"dx: {m}")
+    torch.testing.assert_close(da, da_ref, **tol, msg=lambda m: f"dA: {m}")
+    torch.testing.assert_close(db, db_ref, **tol, msg=lambda m: f"dB: {m}")
+    if mode == "routed":
+        assert dg is None
+        # adapters without rows get exactly zero gradients (written by the reduction, not left uninitialised)
+        used = set(p.row_ids.tolist())
+        for k in range(K):
+            if k not in used:
+                assert torch.count_nonzero(da[k]) == 0 and torch.count_nonzero(db[k]) == 0
+    else:
+        torch.testing.assert_close(dg, dg_ref, **tol, msg=lambda m: f"dg: {m}")
 
 
-def test_triton_is_deterministic(monkeypatch):
-    monkeypatch.setenv("FASTCP_BACKEND", "triton")
-    x, W, b, A, Bm, s = make(6, (5,), 40, 30, 4, 8, seed=1)
-    ids = torch.tensor([0, 1, 1, -1, 3, 0])
-    dy = torch.randn(6, 5, 30)
-    first = run(multi_lora_linear, x, W, b, A, Bm, s, None, ids, dy)
-    second = run(multi_lora_linear, x, W, b, A, Bm, s, None, ids, dy)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+def test_strided_operands_no_bias_and_db_through_split_k(monkeypatch):
+    """Non-contiguous W, A, B views; no bias; dB forced through the split-K outer kernel (the path taken
+    when the dy-pass partials would exceed their memory budget)."""
+    from fastcp.kernels import multi_lora as kern
+
+    monkeypatch.setattr(kern, "DY_PASS_PARTIAL_BYTES", 0)
+    for mode, K in (("routed", 3), ("dense", 2)):
+        p = make_problem(35, 26, 22, K, 3, mode, seed=5, bias=False, strided=True)
+        assert not p.weight.is_contiguous() and not p.lora_b.is_contiguous()
+        dy = torch.randn(35, 22, generator=torch.Generator().manual_seed(3)).to(DEV)
+        y = BE.forward(p)
+        dx, da, db, dg = BE.backward(p, dy, True, True, True, True)
+        y_ref, (dx_ref, da_ref, db_ref, dg_ref) = reference_grads(p, dy)
+        for name, a, e in (("y", y, y_ref), ("dx", dx, dx_ref), ("dA", da, da_ref), ("dB", db, db_ref),
+                           ("dg", dg, dg_ref)):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4, msg=lambda m, name=name: f"{mode} {name}: {m}")
 
 
-def test_cpu_inputs_go_to_cpp_unless_triton_is_forced(monkeypatch):
-    from fastcp.ops import dispatch
-    from fastcp.ops.backends.base import LoraProblem
+def test_only_requested_gradients_are_computed():
+    p = make_problem(18, 20, 16, 3, 2, "dense", seed=2)
+    dy = torch.randn(18, 16, generator=torch.Generator().manual_seed(1)).to(DEV)
+    _, (dx_ref, da_ref, db_ref, dg_ref) = reference_grads(p, dy)
+    dx, da, db, dg = BE.backward(p, dy, False, False, True, False)
+    assert dx is None and da is None and dg is None
+    torch.testing.assert_close(db, db_ref, rtol=1e-4, atol=2e-4)
+    dx, da, db, dg = BE.backward(p, dy, False, True, False, True)
+    assert dx is None and db is None
+    torch.testing.assert_close(da, da_ref, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=2e-4)
 
-    monkeypatch.delenv("FASTCP_BACKEND", raising=False)
-    x, W, b, A, Bm, s = make(2, (), 8, 6, 2, 2, seed=0)
-    p = LoraProblem(x, W, b, A, Bm, s, "all")
-    assert dispatch.choose(p).name != "triton"
-    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+@pytest.mark.parametrize("mode", ["routed", "dense"])
+def test_two_runs_are_bit_identical(mode):
+    p = make_problem(75, 40, 30, 4, 8, mode, seed=1)
+    dy = torch.randn(75, 30, generator=torch.Generator().manual_seed(4)).to(DEV)
+    first = (BE.forward(p),) + BE.backward(p, dy, True, True, True, True)
+    second = (BE.forward(p),) + BE.backward(p, dy, True, True, True, True)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_refusals_name_the_problem(monkeypatch):
+    p = make_problem(4, 8, 6, 2, 2, "all", seed=0)
+    assert BE.refuse(p) == []
+    half = LoraProblem(*(t.half() if t.is_floating_point() and t is not p.scale else t
+                         for t in (p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale)), "all")
+    mixed = LoraProblem(p.x, p.weight.double(), p.bias, p.lora_a, p.lora_b, p.scale, "all")
+    assert any("weight" in r for r in BE.refuse(mixed))
+    if DEV == "cpu":
+        assert any("float32" in r or "dtype" in r for r in BE.refuse(half))
+        monkeypatch.delenv("FASTCP_BACKEND")
+        assert any("FASTCP_BACKEND=triton" in r for r in BE.refuse(p))
+    else:
+        assert BE.refuse(half) == []
+
+
+def test_dispatch_runs_triton_end_to_end_with_dcoef():
+    """FASTCP_BACKEND=triton through the public op: 3-D x, per-sample coef and adapter ids, all gradients."""
+    from fastcp.ops import dispatch, multi_lora_linear
+
+    g = torch.Generator().manual_seed(11)
+    Bsz, L, inn, out, K, r = 3, 5, 18, 14, 3, 4
+    x, W, b = torch.randn(Bsz, L, inn, generator=g), torch.randn(out, inn, generator=g), torch.randn(out, generator=g)
+    A, Bm = torch.randn(K, r, inn, generator=g), torch.randn(K, out, r, generator=g)
+    scaling = torch.tensor([0.5, 1.0, 2.0])
+    dy = torch.randn(Bsz, L, out, generator=g)
+    p = LoraProblem(x.reshape(-1, inn), W, b, A, Bm, scaling, "all")
+    assert dispatch.choose(p).name == "triton"
+    for kw in (dict(coef=torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0], [2.0, -1.0, 0.0]])),
+               dict(adapter_ids=torch.tensor([2, -1, 0]))):
+        results = []
+        for fn in (multi_lora_linear, multi_lora_linear_reference):
+            leaves = [t.clone().to(DEV).requires_grad_() for t in (x, W, b, A, Bm)]
+            coef = kw["coef"].clone().to(DEV).requires_grad_() if "coef" in kw else None
+            ids = kw["adapter_ids"].to(DEV) if "adapter_ids" in kw else None
+            y = fn(*leaves, scaling.to(DEV), coef=coef, adapter_ids=ids)
+            results.append((y,) + torch.autograd.grad(y, leaves + ([coef] if coef is not None else []), dy.to(DEV)))
+        for name, a, e in zip(["y", "x", "weight", "bias", "lora_a", "lora_b", "coef"], *results):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4, msg=lambda m, name=name: f"{name}: {m}")

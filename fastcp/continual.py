@@ -92,6 +92,26 @@ class DataParallel:
             self.dist.destroy_process_group()
 
 
+def make_optimizer(groups, args):
+    """AdamW, or bitsandbytes' 8-bit AdamW with --use_8bit_adam."""
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
+def configure_backbone(bb, args) -> None:
+    """Memory and precision options of the CLI that act on the backbone itself."""
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "gradient_checkpointing", False):
+        bb.unet.enable_gradient_checkpointing()
+    if getattr(args, "enable_xformers_memory_efficient_attention", False):
+        bb.unet.enable_xformers_memory_efficient_attention()
+
+
 def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
     """Train ``concepts`` in order with ``args.method`` and evaluate after every task.
 
@@ -119,6 +139,12 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         init = c.class_word if getattr(args, "token_init", "class") == "class" else None
         bb.add_concept_token(c.token, init_word=init, generator=gen)
     bb.text_encoder.requires_grad_(False)
+    configure_backbone(bb, args)
+    writer = None
+    if dp.main and getattr(args, "report_to", "none") == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "logs"))
     ctx = Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen)
     method.setup(ctx)
     evaluator = ContinualEvaluator(
@@ -163,7 +189,7 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         t0 = time.time()
         bb.unet.train()
         groups = method.begin_task(n)
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        opt = make_optimizer(groups, args)
         first_step, losses = 0, []
         if resume is not None:  # inside task n: optimizer, losses and position from the checkpoint
             opt.load_state_dict(resume["optimizer"])
@@ -176,24 +202,33 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         bar = tqdm(range(first_step, args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}",
                    leave=False, disable=None if dp.main else True)
         for step in bar:
-            # --train_batch_size is per process: the global batch is world × that, drawn alike
-            # everywhere (same generator state), each process keeping its own rows.
-            batch = method.sample_batch(n, latents, args.train_batch_size * dp.world).shard(dp.rank, dp.world)
-            with _autocast(args, bb.device):
-                terms = method.loss(batch)
-            loss = terms["loss"]
-            if not dp.all_finite(loss.detach()):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
-                    f"the {n} finished task(s) are saved in {out}"
-                )
+            # --train_batch_size is per process and micro-batch: the global batch (world × accum ×
+            # that) and its noise are drawn alike everywhere (same generator state); each process
+            # and micro-batch takes its own rows, so the result is that of one big batch.
+            accum = getattr(args, "gradient_accumulation_steps", 1)
+            glob = method.sample_batch(n, latents, args.train_batch_size * dp.world * accum)
+            glob = glob.with_noise(bb.scheduler, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(accum):
+                batch = glob.shard(dp.rank * accum + micro, dp.world * accum)
+                with _autocast(args, bb.device):
+                    terms = method.loss(batch)
+                loss = terms["loss"]
+                if not dp.all_finite(loss.detach()):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
+                        f"the {n} finished task(s) are saved in {out}"
+                    )
+                (loss / accum).backward()
             params = [p for g in groups for p in g["params"]]
             dp.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
+            if writer is not None:
+                gstep = n * args.max_train_steps + step
+                writer.add_scalar("train/loss", loss.item(), gstep)
+                writer.add_scalar("train/lr", opt.param_groups[-1]["lr"], gstep)
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
             if dp.main and every and (step + 1) % every == 0 and step + 1 < args.max_train_steps:
@@ -221,6 +256,12 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
                          "eval_seconds": round(eval_s, 2), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
                          "row": row})
         report.atomic_write_json(out / "train_log.json", {"method": args.method, "tasks": log_rows})
+        if writer is not None:
+            for metric, values in row.items():
+                writer.add_scalar(f"eval/{metric}_mean", sum(values) / len(values), n + 1)
+            for j, imgs in evaluator.last_samples.items():
+                writer.add_images(f"samples/{names[j]}", (imgs.clamp(-1, 1) + 1) / 2, n + 1)
+            writer.flush()
         if every:
             checkpoint.save(out, snapshot(n, args.max_train_steps, "done"), keep)
         dp.barrier()
@@ -244,6 +285,8 @@ def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
         report.save_heatmap(s["matrix"], names, f"{args.method}: {m}", out / f"{m}_heatmap.png", METRICS[m])
     report.save_sample_grid(evaluator.samples_for_grid(), names, out / "samples.png")
     report.atomic_write_json(out / "results.json", results)
+    if writer is not None:
+        writer.close()
     dp.close()
     return RunResult(results=results, table=report.format_table(summary, names), output_dir=out, task_seconds=task_seconds)
 

@@ -56,8 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of each concept's token embedding (default 5e-3)")
     g.add_argument("--max_train_steps", type=int, default=400, help="optimizer steps per task (default 400)")
     g.add_argument("--train_batch_size", type=int, default=8)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches of --train_batch_size per optimizer step (same result as one big batch)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast the forward passes (weights stay fp32)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes)")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (needs xformers; PyTorch SDPA is the default)")
     g.add_argument("--seed", type=int, default=0)
+    add_method_hyperparameters(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_eval_images", type=int, default=8, help="generated images per concept for fidelity")
     g.add_argument("--eval_inference_steps", type=int, default=20, help="DDIM steps for evaluation samples")
@@ -72,9 +81,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (newest in --output_dir/checkpoints) or a checkpoint file")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, required=True)
+    g.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
+                   help="tensorboard: loss, learning rate, metrics and samples under --output_dir/logs")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="allow writing into a directory that already holds a finished run")
     return p
+
+
+def add_method_hyperparameters(p: argparse.ArgumentParser) -> None:
+    """Hyperparameters of the CP methods (DESIGN.md section 6); names follow the papers' symbols.
+    Defaults were chosen on the embedded tiny sequence; the reason for each is in its help."""
+    g = p.add_argument_group("method hyperparameters")
+    g.add_argument("--mask_topk", type=float, default=1.0,
+                   help="magmax: keep only this top fraction of |tau_n| per layer before the max-magnitude merge "
+                        "(default 1.0 = plain MagMax; the selective update of Deja et al. uses e.g. 0.1)")
+    g.add_argument("--clora_lambda", type=float, default=1e3,
+                   help="clora: lambda of ||abs(dW_<n) * dW_n||_F^2 (default 1e3: makes the penalty comparable to "
+                        "L_diff (~0.1) once earlier deltas reach their typical size on the tiny model)")
+    g.add_argument("--dc_temperature", type=float, default=0.01,
+                   help="ewc_dc/dsc: DC temperature tau of softmax(-mean_t err / tau) (default 0.01: error gaps "
+                        "between concepts are ~1e-3..1e-2 on the tiny model, so tau=1 would give flat scores)")
+    g.add_argument("--dc_delta", type=float, default=0.1,
+                   help="ewc_dc/dsc: delta, weight of CE(DC logits, c_n) (default 0.1: CE is O(1), L_diff O(0.1))")
+    g.add_argument("--dc_concepts", type=int, default=5,
+                   help="ewc_dc/dsc: DC candidates per step incl. c_0 and c_n (default 5: all seen concepts up to "
+                        "a cap that bounds the per-step cost)")
+    g.add_argument("--dc_train_timesteps", type=int, default=2,
+                   help="ewc_dc/dsc: DC timesteps per step (default 2: a fresh draw every step averages out)")
+    g.add_argument("--dc_images", type=int, default=4,
+                   help="ewc_dc/dsc: batch images that get DC terms per step (default 4 = half the batch: the DC "
+                        "pass has images x concepts x timesteps rows)")
+    g.add_argument("--ewc_lambda", type=float, default=1e4,
+                   help="ewc_dc/dsc_ewc: lambda of (lambda/2) sum F (dW_n)^2 (default 1e4, from a sweep on tiny)")
+    g.add_argument("--ewc_gamma", type=float, default=1.0,
+                   help="ewc_dc/dsc_ewc: decay gamma of F <- gamma F + F_n (default 1: every earlier concept "
+                        "counts fully, the CP goal; < 1 favours recent concepts)")
+    g.add_argument("--fisher_timesteps", type=int, default=4,
+                   help="ewc_dc: timesteps (evenly spaced) per image for the Fisher (default 4)")
+    g.add_argument("--fisher_images", type=int, default=8,
+                   help="ewc_dc: training images per task for the Fisher (default 8 = all of an embedded concept)")
+    g.add_argument("--dsc_alpha", type=float, default=1.0,
+                   help="dsc: alpha, weight of KL(p_old || p_new) over old concepts (default 1: same order as CE)")
+    g.add_argument("--dsc_beta", type=float, default=1.0,
+                   help="dsc: beta, weight of mean ||eps_new - eps_old||^2 over old concepts (default 1: the "
+                        "scale of L_diff, i.e. old prompts' predictions weigh as much as the new concept's loss)")
+    g.add_argument("--fl2t_set_size", type=int, default=1,
+                   help="fl2t: concepts learned concurrently per set (default 1 = each task a set, strictly "
+                        "continual; 0 = the whole sequence is one set, the paper's concurrent setting)")
+    g.add_argument("--fl2t_proxy_dim", type=int, default=64, help="fl2t: width d of proxies in the set module (default 64)")
+    g.add_argument("--fl2t_heads", type=int, default=4, help="fl2t: attention heads of the set module (default 4)")
+    g.add_argument("--fl2t_layers", type=int, default=1, help="fl2t: encoder layers of the set module (default 1)")
+    g.add_argument("--fl2t_tau", type=float, default=0.1, help="fl2t: InfoNCE temperature tau_c (default 0.1, CLIP-like)")
+    g.add_argument("--fl2t_nce_weight", type=float, default=0.1,
+                   help="fl2t: weight of the InfoNCE term (default 0.1: O(1) loss kept below L_diff's influence)")
+    g.add_argument("--fl2t_gate_scale", type=float, default=1.0, help="fl2t: initial a_l of g = sigmoid(a_l s + c_l)")
+    g.add_argument("--fl2t_gate_bias", type=float, default=-2.0,
+                   help="fl2t: initial c_l (default -2: other concepts' adapters start mostly off, g ~ 0.12)")
+    g.add_argument("--fl2t_learning_rate", type=float, default=1e-3,
+                   help="fl2t: learning rate of the proxies and the set module (default 1e-3)")
 
 
 def _fail(msg: str) -> int:
@@ -130,9 +194,17 @@ def main(argv=None) -> int:
     if args.method not in METHODS:
         return _fail(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
     for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images",
-                 "checkpoints_total_limit"):
+                 "checkpoints_total_limit", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    import importlib.util
+
+    for flag, module, extra in (("use_8bit_adam", "bitsandbytes", "pip install bitsandbytes"),
+                                ("enable_xformers_memory_efficient_attention", "xformers", "pip install xformers"),
+                                ("report_to", "tensorboard", "pip install tensorboard")):
+        wanted = getattr(args, flag)
+        if wanted and wanted != "none" and importlib.util.find_spec(module) is None:
+            return _fail(f"--{flag} needs the {module} package, which is not installed ({extra})")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         return _fail(f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}")
     if args.lora_alpha is None:

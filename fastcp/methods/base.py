@@ -35,16 +35,27 @@ class TaskBatch:
     prompts: list[str]
     task: int
     concept_ids: torch.Tensor | None = None
-    #: data parallel: this process holds rows ``rows`` of a global batch of ``global_size`` rows
-    rows: slice | None = None
-    global_size: int | None = None
+    #: L_diff's noise [B, C, h, w] and timesteps [B], drawn by the loop for the whole global batch
+    #: (so that processes and gradient-accumulation micro-batches see exactly the rows one big
+    #: batch would); None = ``noisy_inputs`` draws them itself
+    noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
-    def shard(self, rank: int, world: int) -> "TaskBatch":
-        """The contiguous slice of this global batch that process ``rank`` of ``world`` trains on."""
-        b = len(self.prompts) // world
-        rows = slice(rank * b, (rank + 1) * b)
-        ids = self.concept_ids[rows] if self.concept_ids is not None else None
-        return TaskBatch(self.latents[rows], self.prompts[rows], self.task, ids, rows, len(self.prompts))
+    def with_noise(self, scheduler, generator: torch.Generator) -> "TaskBatch":
+        """This batch with its L_diff noise and timesteps drawn from ``generator``."""
+        noise = torch.randn(self.latents.shape, generator=generator).to(self.latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (self.latents.shape[0],), generator=generator)
+        return TaskBatch(self.latents, self.prompts, self.task, self.concept_ids, noise, t.to(self.latents.device))
+
+    def shard(self, index: int, count: int) -> "TaskBatch":
+        """The ``index``-th of ``count`` equal contiguous slices (a process's or micro-batch's rows)."""
+        if count == 1:
+            return self
+        b = len(self.prompts) // count
+        rows = slice(index * b, (index + 1) * b)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return TaskBatch(self.latents[rows], self.prompts[rows], self.task, pick(self.concept_ids), pick(self.noise),
+                         pick(self.timesteps))
 
 
 @dataclass
@@ -135,13 +146,13 @@ class Method:
         """All LoRA tensors with a gradient mask that keeps only slot ``slot`` trainable."""
         params = self.slot_params(slot)
         num = next(iter(self.ctx.layers.values())).num_adapters
+        for p in params:  # before the hooks: a tensor that needs no grad takes none
+            p.requires_grad_(True)
         if num > 1:
             for p in params:
                 mask = torch.zeros(num, *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
                 mask[slot] = 1
                 self._hooks.append(p.register_hook(lambda g, m=mask: g * m))
-        for p in params:
-            p.requires_grad_(True)
         return {"params": params, "lr": self.args.learning_rate, "weight_decay": 0.0}
 
     def release_hooks(self) -> None:
@@ -150,18 +161,15 @@ class Method:
         self._hooks = []
 
     def noisy_inputs(self, latents: torch.Tensor, batch: TaskBatch | None = None):
-        """(x_t, t, target) for L_diff with the run's generator.
-
-        Under data parallelism every process draws the noise and timesteps of the whole global
-        batch (the generator is in the same state everywhere) and keeps its own rows, so N
-        processes see exactly what one process with the global batch would."""
+        """(x_t, t, target) for L_diff: the batch's own noise and timesteps if the loop drew them,
+        else fresh ones from the run's generator."""
         sched = self.ctx.backbone.scheduler
-        gen = self.ctx.generator
-        n_all = batch.global_size if batch is not None and batch.global_size else latents.shape[0]
-        noise = torch.randn((n_all, *latents.shape[1:]), generator=gen).to(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (n_all,), generator=gen).to(latents.device)
-        if batch is not None and batch.rows is not None:
-            noise, t = noise[batch.rows], t[batch.rows]
+        if batch is not None and batch.noise is not None:
+            noise, t = batch.noise, batch.timesteps
+        else:
+            gen = self.ctx.generator
+            noise = torch.randn(latents.shape, generator=gen).to(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
         x_t = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if self.ctx.backbone.prediction_type == "v_prediction" else noise
         return x_t, t, target

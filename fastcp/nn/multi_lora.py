@@ -89,9 +89,16 @@ class MultiLoRALinear(nn.Module):
             return self.base(x)
         adapter_ids = self.adapter_ids if adapter_ids is None else adapter_ids
         coef = self.coef if coef is None else coef
+        weight, bias, lora_a, lora_b = self.base.weight, self.base.bias, self.lora_a, self.lora_b
+        if torch.is_autocast_enabled(x.device.type):
+            # Like nn.Linear under autocast: compute in the autocast dtype, keep fp32 parameters
+            # (the casts are differentiable, so gradients reach them in fp32).
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight, lora_a, lora_b = x.to(dt), weight.to(dt), lora_a.to(dt), lora_b.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+            coef = coef.to(dt) if coef is not None else None
         return ops.multi_lora_linear(
-            x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scaling.to(x.dtype),
-            coef=coef, adapter_ids=adapter_ids,
+            x, weight, bias, lora_a, lora_b, self.scaling.to(x.dtype), coef=coef, adapter_ids=adapter_ids,
         )
 
     def extra_repr(self) -> str:

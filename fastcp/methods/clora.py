@@ -1,0 +1,79 @@
+"""``clora``: C-LoRA (Smith et al. 2023), continual self-regularised LoRA on cross-attention K/V.
+
+DESIGN.md section 6, task n (ΔW_<n = Σ_{m<n} ΔW_m, the merged earlier deltas, per layer)::
+
+    L = L_diff + λ · Σ_layers ‖ |ΔW_<n| ⊙ ΔW_n ‖²_F,      ΔW_n = s·B_n A_n
+    after task n:  W ← W + ΔW_n,  ΔW_<n+1 = ΔW_<n + ΔW_n,  fresh LoRA
+
+The penalty is zero where no earlier task wrote (ΔW_<n = 0) and grows with the size of what
+earlier tasks wrote, so task n is pushed to use weights that earlier tasks left alone.
+
+As in C-LoRA only the cross-attention ``attn2.to_k``/``attn2.to_v`` adapters are trained (other
+injected layers, e.g. the tiny model's feed-forward LoRA, stay at B = 0, i.e. off), and each
+concept token starts from a random embedding (no class-word initialisation). The prompts are the
+sequence's own (shared by every method so the evaluation is the same).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastcp.methods.base import Method, register
+from fastcp.nn import CROSS_KV_TARGETS
+
+
+def clora_penalty(previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """‖ |ΔW_<n| ⊙ ΔW_n ‖²_F for one layer (both [out, in]; fp32 result, differentiable in delta)."""
+    if previous.shape != delta.shape:
+        raise ValueError(f"previous: shape {list(previous.shape)} differs from delta's {list(delta.shape)}")
+    return ((previous.abs().float() * delta.float()) ** 2).sum()
+
+
+@register
+class CLoRA(Method):
+    name = "clora"
+    lora_targets = CROSS_KV_TARGETS
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.lam = float(self.args.clora_lambda)
+        if self.lam < 0:
+            raise ValueError(f"--clora_lambda: expected >= 0, got {self.lam}")
+        self.kv_layers = {n: l for n, l in ctx.layers.items() if any(n.endswith(t) for t in CROSS_KV_TARGETS)}
+        if not self.kv_layers:
+            raise ValueError("clora: the backbone has no cross-attention to_k/to_v layers")
+        self.previous = {n: torch.zeros(l.out_features, l.in_features, device=l.base.weight.device)
+                         for n, l in self.kv_layers.items()}
+        # Random token init (C-LoRA uses no class word): same rule as Backbone.add_concept_token.
+        bb = ctx.backbone
+        with torch.no_grad():
+            table = bb.text_encoder.get_input_embeddings().weight
+            ids = [bb.concept_tokens[c.token] for c in ctx.concepts]
+            mean_norm = table[: min(ids)].norm(dim=1).mean()
+            for i in ids:
+                v = torch.randn(table.shape[1], generator=ctx.generator).to(table)
+                table[i] = v / v.norm() * mean_norm
+
+    def begin_task(self, n: int) -> list[dict]:
+        self.release_hooks()
+        params = []
+        for layer in self.kv_layers.values():
+            layer.lora_a.requires_grad_(True)
+            layer.lora_b.requires_grad_(True)
+            params += [layer.lora_a, layer.lora_b]
+        return [self.token_param_group(n), {"params": params, "lr": self.args.learning_rate, "weight_decay": 0.0}]
+
+    def penalty(self) -> torch.Tensor:
+        """Σ_layers ‖ |ΔW_<n| ⊙ ΔW_n ‖²_F over the trained K/V layers."""
+        return sum(clora_penalty(self.previous[n], l.delta_weight(0)) for n, l in self.kv_layers.items())
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        l_diff = self.diffusion_loss(batch)
+        pen = self.penalty()
+        return {"loss": l_diff + self.lam * pen, "diff": l_diff, "clora": pen}
+
+    @torch.no_grad()
+    def end_task(self, n: int) -> None:
+        self.release_hooks()
+        for name, layer in self.kv_layers.items():
+            self.previous[name] += layer.delta_weight(0)
+            layer.merge_adapter_(0)

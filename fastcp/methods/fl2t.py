@@ -1,0 +1,262 @@
+"""``fl2t``: Forget Less by Learning Together — concurrent, order-agnostic concept learning.
+
+DESIGN.md section 6. One LoRA slot per concept (slot k = concept k), learnable proxies P_k
+(initialised from concept k's token embedding), and a set-invariant module: a transformer
+encoder **without positional encoding** over the proxies of the concepts learned so far::
+
+    H = Enc( {P_1 W_p, …, P_K W_p} )                      [K, d]   (permutation-equivariant)
+    e_b = text-encoder hidden state at prompt b's concept token   [D]
+    s[b, k] = ⟨e_b W_q, H_k⟩ / √d                          proxy score
+    g_l[b, k] = σ(a_l · s[b, k] + c_l)                      gate of adapter k in targeted layer l
+    coef_l[b, k] = 1 if k = id_b else g_l[b, k]             (id_b = the concept of prompt b)
+    y_l = x W_lᵀ + Σ_k coef_l[b, k] · s_k (x A_kᵀ) B_kᵀ      (the fused op's per-sample ``coef``)
+
+    L = L_diff (all concepts of the set in one batch, rows routed to their own slot)
+        + w_nce · InfoNCE,   InfoNCE = CE( s[b, ·] / τ_c , id_b )   over the proxies seen so far
+
+The prompt's own adapter is always on (its token names it, so this is no oracle); the proxies
+decide how much every other concept's adapter helps this prompt, per layer (inter-concept
+guidance). Generation of concept j uses the same coef_l[j, ·], fixed over the batch.
+
+Concepts arrive in sets of ``--fl2t_set_size`` consecutive tasks (default 1). Within a set the
+concepts are learned concurrently: at each task of the set, the set's slots, proxies, tokens and
+the set module restart from their values at the start of the set (slot and sampling randomness
+seeded by the concept's name, not its position) and every arrived concept of the set is trained
+together, so the state after the set's last task does not depend on the order inside the set
+(up to float summation order). Earlier sets' slots, proxies and tokens stay frozen: a new set is
+added incrementally.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcp.methods.base import Method, TaskBatch, register
+from fastcp.methods.separate import slot_gates
+
+
+class SetModule(nn.Module):
+    """Set-invariant gating: proxies [K, D] and prompt embeddings [B, D] -> scores [B, K] and
+    per-layer gates [L, B, K]. Permuting the proxies permutes the scores' columns, nothing else."""
+
+    def __init__(self, text_dim: int, dim: int, heads: int, layers: int, num_lora_layers: int,
+                 gate_scale: float, gate_bias: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"--fl2t_proxy_dim ({dim}) must be divisible by --fl2t_heads ({heads})")
+        self.proxy_in = nn.Linear(text_dim, dim)
+        self.query = nn.Linear(text_dim, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        # No positional encoding anywhere: the encoder sees a set.
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layer_scale = nn.Parameter(torch.full((num_lora_layers,), float(gate_scale)))
+        self.layer_bias = nn.Parameter(torch.full((num_lora_layers,), float(gate_bias)))
+        self.dim = dim
+
+    def scores(self, prompt_emb: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        """s [B, K] = ⟨e_b W_q, Enc(P W_p)_k⟩ / √d."""
+        h = self.encoder(self.proxy_in(proxies).unsqueeze(0))[0]  # [K, d]
+        return self.query(prompt_emb) @ h.T / math.sqrt(self.dim)
+
+    def gates(self, scores: torch.Tensor) -> torch.Tensor:
+        """g [L, B, K] = σ(a_l · s + c_l)."""
+        return torch.sigmoid(self.layer_scale[:, None, None] * scores[None] + self.layer_bias[:, None, None])
+
+
+def _name_seed(seed: int, name: str, salt: int = 0) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) + salt * 7919) % (2**62)
+
+
+@contextlib.contextmanager
+def per_layer_coef(layers: dict, coefs: list[torch.Tensor]):
+    """Set ``coef`` [B, K] per layer (same order as ``layers``) for the duration."""
+    items = list(layers.values())
+    saved = [(l.adapter_ids, l.coef) for l in items]
+    try:
+        for l, c in zip(items, coefs):
+            l.adapter_ids, l.coef = None, c
+        yield
+    finally:
+        for l, (a, c) in zip(items, saved):
+            l.adapter_ids, l.coef = a, c
+
+
+@register
+class FL2T(Method):
+    name = "fl2t"
+    # A set's concepts are trained together, so the loop hands over every arrived concept's
+    # images; only the current set's are used (earlier sets are never replayed).
+    sees_all_concepts = True
+
+    def slots_needed(self, num_concepts: int) -> int:
+        return num_concepts
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        a = self.args
+        self.set_size = int(a.fl2t_set_size) if a.fl2t_set_size else len(ctx.concepts)
+        if self.set_size < 1:
+            raise ValueError(f"--fl2t_set_size: expected >= 0, got {a.fl2t_set_size}")
+        bb = ctx.backbone
+        emb = bb.text_encoder.get_input_embeddings().weight
+        self.token_ids = [bb.concept_tokens[c.token] for c in ctx.concepts]
+        self.token_init = emb.detach()[self.token_ids].clone()
+        dev = bb.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(a.seed) + 17)  # the module's init does not depend on the concepts
+            self.module = SetModule(emb.shape[1], a.fl2t_proxy_dim, a.fl2t_heads, a.fl2t_layers, len(ctx.layers),
+                                    a.fl2t_gate_scale, a.fl2t_gate_bias).to(dev)
+        self.proxies = nn.Parameter(self.token_init.clone().float())
+        self.module_at_set_start = None
+        self.done = -1  # last finished task
+
+    # ------------------------------------------------------------------ sets
+    def set_start(self, n: int) -> int:
+        return (n // self.set_size) * self.set_size
+
+    @torch.no_grad()
+    def _reset_concept(self, k: int) -> None:
+        """Slot k, proxy k and token k back to their concept-seeded initial values."""
+        c = self.ctx.concepts[k]
+        g = torch.Generator().manual_seed(_name_seed(self.args.seed, c.name))
+        emb = self.ctx.backbone.text_encoder.get_input_embeddings().weight
+        emb[self.token_ids[k]] = self.token_init[k].to(emb)
+        self.proxies[k] = self.token_init[k].to(self.proxies)
+        for layer in self.ctx.layers.values():
+            r = int(layer.ranks[k])
+            bound = 1.0 / math.sqrt(layer.in_features)  # Kaiming-uniform(a=√5), as reset_adapter
+            layer.lora_a[k].zero_()
+            layer.lora_a[k, :r] = ((torch.rand(r, layer.in_features, generator=g) * 2 - 1) * bound).to(layer.lora_a)
+            layer.lora_b[k].zero_()
+
+    def begin_task(self, n: int) -> list[dict]:
+        self.release_hooks()
+        start = self.set_start(n)
+        if n == start:
+            self.module_at_set_start = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        else:
+            self.module.load_state_dict(self.module_at_set_start)
+        self.active = list(range(start, n + 1))
+        for k in self.active:
+            self._reset_concept(k)
+        self.task = n
+        # Per-concept generators (seeded by name and task): sampling independent of positions.
+        self.gens = {k: torch.Generator().manual_seed(_name_seed(self.args.seed, self.ctx.concepts[k].name, n + 1))
+                     for k in self.active}
+        bb = self.ctx.backbone
+        emb = bb.text_encoder.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        tok_mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+        row_mask = torch.zeros(self.proxies.shape[0], 1, device=self.proxies.device)
+        slot_mask = torch.zeros(self.proxies.shape[0], device=emb.device)
+        for k in self.active:
+            tok_mask[self.token_ids[k]] = 1
+            row_mask[k] = 1
+            slot_mask[k] = 1
+        self.proxies.requires_grad_(True)
+        self._hooks = [emb.register_hook(lambda g: g * tok_mask), self.proxies.register_hook(lambda g: g * row_mask)]
+        lora = []
+        for layer in self.ctx.layers.values():
+            for p in (layer.lora_a, layer.lora_b):
+                p.requires_grad_(True)
+                self._hooks.append(p.register_hook(lambda g, m=slot_mask: g * m.view(-1, *[1] * (g.dim() - 1)).to(g)))
+                lora.append(p)
+        self.proxies.requires_grad_(True)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        a = self.args
+        return [
+            {"params": [emb], "lr": a.token_learning_rate, "weight_decay": 0.0},
+            {"params": lora, "lr": a.learning_rate, "weight_decay": 0.0},
+            {"params": [self.proxies, *self.module.parameters()], "lr": a.fl2t_learning_rate, "weight_decay": 0.0},
+        ]
+
+    def sample_batch(self, n: int, latents: list[torch.Tensor], batch_size: int) -> TaskBatch:
+        """Every arrived concept of the set in one batch, the same number of rows each
+        (max(1, batch_size // concepts)), images drawn from each concept's own generator."""
+        per = max(1, batch_size // len(self.active))
+        rows, prompts, ids = [], [], []
+        for k in self.active:
+            pool = latents[k]
+            idx = torch.randint(0, pool.shape[0], (per,), generator=self.gens[k])
+            rows.append(pool[idx])
+            prompts += [self.ctx.concepts[k].prompt] * per
+            ids += [k] * per
+        return TaskBatch(latents=torch.cat(rows), prompts=prompts, task=n,
+                         concept_ids=torch.tensor(ids, device=rows[0].device))
+
+    # ------------------------------------------------------------------ gating
+    def prompt_embeddings(self, prompts: list[str], cond) -> torch.Tensor:
+        """e_b [B, D]: hidden state at each prompt's concept token (mean over tokens if none)."""
+        ids = self.ctx.backbone.tokenize(prompts)
+        hidden = cond.encoder_hidden_states
+        concept = torch.zeros_like(ids, dtype=torch.bool)
+        for t in self.token_ids:
+            concept |= ids == t
+        has = concept.any(dim=1)
+        pos = concept.float().argmax(dim=1)
+        tok = hidden[torch.arange(len(prompts), device=hidden.device), pos]
+        return torch.where(has[:, None], tok, hidden.mean(dim=1)).float()
+
+    def coefs(self, e: torch.Tensor, own: torch.Tensor, upto: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(per-layer coef [B, K] list, scores [B, upto+1]) for prompt embeddings e [B, D] whose
+        own slots are ``own`` [B]; slots of concepts not learned yet (> upto) get 0."""
+        K = next(iter(self.ctx.layers.values())).num_adapters
+        s = self.module.scores(e, self.proxies[: upto + 1])
+        g = self.module.gates(s)  # [L, B, upto+1]
+        g = F.pad(g, (0, K - g.shape[-1]))
+        onehot = F.one_hot(own, K).to(g)
+        coef = onehot + (1 - onehot) * g
+        return list(coef.unbind(0)), s
+
+    def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        bb = self.ctx.backbone
+        B = batch.latents.shape[0]
+        cond = bb.encode_prompt(batch.prompts)
+        e = self.prompt_embeddings(batch.prompts, cond)
+        coefs, s = self.coefs(e, batch.concept_ids, batch.task)
+        nce = F.cross_entropy(s / self.args.fl2t_tau, batch.concept_ids)
+        # Noise and timesteps from each row's concept generator (order-independent batches).
+        sched = bb.scheduler
+        noise, t = [], []
+        for k in batch.concept_ids.unique_consecutive().tolist():
+            m = int((batch.concept_ids == k).sum())
+            noise.append(torch.randn((m, *batch.latents.shape[1:]), generator=self.gens[k]))
+            t.append(torch.randint(0, sched.config.num_train_timesteps, (m,), generator=self.gens[k]))
+        noise = torch.cat(noise).to(batch.latents)
+        t = torch.cat(t).to(batch.latents.device)
+        x_t = sched.add_noise(batch.latents, noise, t)
+        target = sched.get_velocity(batch.latents, noise, t) if bb.prediction_type == "v_prediction" else noise
+        with per_layer_coef(self.ctx.layers, [c.to(x_t.dtype) for c in coefs]):
+            pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
+        l_diff = F.mse_loss(pred.float(), target.float())
+        return {"loss": l_diff + self.args.fl2t_nce_weight * nce, "diff": l_diff, "nce": nce}
+
+    def end_task(self, n: int) -> None:
+        self.release_hooks()
+        self.proxies.requires_grad_(False)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.done = n
+
+    @torch.no_grad()
+    def concept_gates(self, j: int) -> dict[str, torch.Tensor]:
+        """{layer: coef [K]} used to generate / score concept j after the last finished task."""
+        bb = self.ctx.backbone
+        prompt = [self.ctx.concepts[j].prompt]
+        e = self.prompt_embeddings(prompt, bb.encode_prompt(prompt))
+        upto = max(self.done, j) if self.done >= 0 else j
+        coefs, _ = self.coefs(e, torch.tensor([j], device=e.device), min(upto, len(self.ctx.concepts) - 1))
+        return {name: c[0].detach() for name, c in zip(self.ctx.layers, coefs)}
+
+    def generation_routing(self, j: int):
+        return slot_gates(self.ctx.layers, self.concept_gates(j))
+
+    def adapter_slot(self, n: int) -> int:
+        return n

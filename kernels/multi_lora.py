@@ -116,6 +116,16 @@ def _locate(item, SEG_START, SEG_END, NSEG, GRAIN):
 
 
 @triton.jit
+def _rows(ROWS, offs_m, m_mask, GATHER: tl.constexpr):
+    """Row indices (int64: row * stride may pass 2^31) of positions offs_m: the index table in routed mode,
+    the positions themselves when one segment holds the rows in order (lets the compiler see contiguity)."""
+    if GATHER:
+        return tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        return offs_m.to(tl.int64)
+
+
+@triton.jit
 def _lowrank_offsets(seg, offs_r, RK, stride_k, stride_j, STACKED: tl.constexpr):
     """Element offset of low-rank column j in a [K, ·, r]-strided adapter tensor: adapter = seg (routed) or
     j // r (stacked), rank index j % r."""
@@ -146,14 +156,14 @@ def _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride
 @triton.jit
 def _shrink_kernel(X, P, S, ROWS, SEG_START, SEG_END, NSEG, NLORA, M_BUCKET, IN, R, RK,
                    stride_xm, stride_xi, stride_pk, stride_pj, stride_pi, stride_sm,
-                   STACKED: tl.constexpr, PREC: tl.constexpr,
+                   STACKED: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S[row, j] = Σ_i X[row, i] P_seg[j, i] (fp32) for the rows of one tile of a LoRA segment."""
     seg, start, end = _locate(tl.program_id(0), SEG_START, SEG_END, NSEG, BLOCK_M)
     if (seg >= 0) & (seg < NLORA):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < end
-        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+        rows = _rows(ROWS, offs_m, m_mask, GATHER)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         p_cols = _lowrank_offsets(seg, offs_r, RK, stride_pk, stride_pj, STACKED)
@@ -174,14 +184,15 @@ def _shrink_kernel(X, P, S, ROWS, SEG_START, SEG_END, NSEG, NLORA, M_BUCKET, IN,
 def _fused_kernel(X, W, BIAS, S, Q, Y, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, M_BUCKET, IN, N, R, RK,
                   stride_xm, stride_xi, stride_wn, stride_wi, stride_sm, stride_qk, stride_qn, stride_qj,
                   stride_gm, stride_gk, stride_ym,
-                  HAS_BIAS: tl.constexpr, STACKED: tl.constexpr, ROW_GATES: tl.constexpr, PREC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, STACKED: tl.constexpr, GATHER: tl.constexpr, ROW_GATES: tl.constexpr,
+                  PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Y[rows, n] = X[rows] @ W[n, :]ᵀ (+ b[n]) + (g ⊙ S)[rows] @ Q_seg[n, :]ᵀ, each tile written once."""
     seg, start, end = _locate(tl.program_id(0), SEG_START, SEG_END, NSEG, BLOCK_M)
     if seg >= 0:
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < end
-        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+        rows = _rows(ROWS, offs_m, m_mask, GATHER)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -216,7 +227,8 @@ def _fused_kernel(X, W, BIAS, S, Q, Y, ROWS, SEG_START, SEG_END, NSEG, NLORA, SC
 def _dy_pass_kernel(DY, B, S0, U0, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, M_BUCKET, OUT, R, RK,
                     stride_dm, stride_do, stride_bk, stride_bo, stride_bj, stride_sm, stride_um, stride_pt, stride_po,
                     stride_gm, stride_gk,
-                    STACKED: tl.constexpr, ROW_GATES: tl.constexpr, WITH_DB: tl.constexpr, PREC: tl.constexpr,
+                    STACKED: tl.constexpr, GATHER: tl.constexpr, ROW_GATES: tl.constexpr, WITH_DB: tl.constexpr,
+                    PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
     """One read of dy[rows] per row tile: U0[rows] = dy[rows] @ B_seg (fp32) and, with WITH_DB, this tile's
     dB partial PART[tile, o, j] = Σ_{rows} dy[row, o] (g ⊙ S0)[row, j]."""
@@ -225,7 +237,7 @@ def _dy_pass_kernel(DY, B, S0, U0, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, 
     if (seg >= 0) & (seg < NLORA):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < end
-        rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+        rows = _rows(ROWS, offs_m, m_mask, GATHER)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         b_cols = _lowrank_offsets(seg, offs_r, RK, stride_bk, stride_bj, STACKED)
@@ -254,7 +266,7 @@ def _dy_pass_kernel(DY, B, S0, U0, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, 
 @triton.jit
 def _outer_kernel(L, RT, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, SPLIT, N, R, RK,
                   stride_lm, stride_rm, stride_rn, stride_pt, stride_pn, stride_gm, stride_gk,
-                  STACKED: tl.constexpr, ROW_GATES: tl.constexpr, PREC: tl.constexpr,
+                  STACKED: tl.constexpr, GATHER: tl.constexpr, ROW_GATES: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """Split-K partial PART[split, n, j] = Σ_{rows of the split, in order} RT[row, n] (g ⊙ L)[row, j]."""
     split = tl.program_id(0)
@@ -269,7 +281,7 @@ def _outer_kernel(L, RT, PART, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GAT
         for m0 in range(start, stop, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < stop
-            rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+            rows = _rows(ROWS, offs_m, m_mask, GATHER)
             lg = tl.load(L + rows[:, None] * stride_lm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                          other=0.0)
             lg = lg * _gate(seg, rows, m_mask, offs_r, r_mask, RK, SCALE, GATES, stride_gm, stride_gk,
@@ -378,7 +390,7 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, segs: Segments, R: int, RK: in
     _shrink_kernel[grid](
         x, lora_a, S, segs.rows, segs.start, segs.end, segs.num, segs.nlora, _m_bucket(M), IN, R, RK,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), S.stride(0),
-        STACKED=segs.stacked, PREC=dot_precision(x.dtype), BLOCK_R=block_r(R))
+        STACKED=segs.stacked, GATHER=not segs.stacked, PREC=dot_precision(x.dtype), BLOCK_R=block_r(R))
     return S
 
 
@@ -398,8 +410,8 @@ def fused(x, w, w_strides, bias, S, q, q_strides, scale, gates, segs: Segments, 
         scale, g if g is not None else scale, _m_bucket(M), IN, N, R, RK,
         x.stride(0), x.stride(1), w_strides[0], w_strides[1], S.stride(0), q_strides[0], q_strides[1], q_strides[2],
         sgm, sgk, Y.stride(0),
-        HAS_BIAS=bias is not None, STACKED=segs.stacked, ROW_GATES=row_gates, PREC=dot_precision(x.dtype),
-        BLOCK_R=block_r(R))
+        HAS_BIAS=bias is not None, STACKED=segs.stacked, GATHER=not segs.stacked, ROW_GATES=row_gates,
+        PREC=dot_precision(x.dtype), BLOCK_R=block_r(R))
     return Y
 
 
@@ -434,7 +446,8 @@ def outer(L, RT, scale, gates, segs: Segments, out, out_strides, N: int, R: int,
     _outer_kernel[grid](
         L, RT, part, segs.rows, segs.start, segs.end, segs.num, segs.nlora, scale, g if g is not None else scale,
         split, N, R, RK, L.stride(0), RT.stride(0), RT.stride(1), part.stride(0), part.stride(1), sgm, sgk,
-        STACKED=segs.stacked, ROW_GATES=row_gates, PREC=dot_precision(RT.dtype), BLOCK_R=block_r(R))
+        STACKED=segs.stacked, GATHER=not segs.stacked, ROW_GATES=row_gates, PREC=dot_precision(RT.dtype),
+        BLOCK_R=block_r(R))
     _reduce(part, split, out, out_strides, segs, N, R, RK)
     return out
 
@@ -454,8 +467,8 @@ def dy_pass(dy, lora_b, S0, scale, gates, segs: Segments, R: int, RK: int, db=No
         scale, g if g is not None else scale, _m_bucket(M), OUT, R, RK,
         dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         (S0 if S0 is not None else U0).stride(0), U0.stride(0), part.stride(0), part.stride(1), sgm, sgk,
-        STACKED=segs.stacked, ROW_GATES=row_gates, WITH_DB=with_db, PREC=dot_precision(dy.dtype),
-        BLOCK_M=DY_BLOCK_M, BLOCK_R=block_r(R))
+        STACKED=segs.stacked, GATHER=not segs.stacked, ROW_GATES=row_gates, WITH_DB=with_db,
+        PREC=dot_precision(dy.dtype), BLOCK_M=DY_BLOCK_M, BLOCK_R=block_r(R))
     if with_db:
         _reduce(part, DY_BLOCK_M, db, (db.stride(0), db.stride(1), db.stride(2)), segs, OUT, R, RK)
     return U0, with_db

@@ -43,9 +43,10 @@ def model_state(backbone, layers) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         for key, t in layer.state_dict().items():
             state[f"{name}.{key}"] = t.detach().clone()
-    table = backbone.text_encoder.get_input_embeddings().weight
-    for tok, idx in backbone.concept_tokens.items():
-        state[f"token::{tok}"] = table[idx].detach().clone()
+    for e, (_, encoder) in enumerate(backbone.text_pairs()):
+        table = encoder.get_input_embeddings().weight
+        for tok in backbone.concept_tokens:
+            state[f"token{e}::{tok}"] = table[backbone.concept_token_ids(tok)[e]].detach().clone()
     return state
 
 
@@ -54,9 +55,10 @@ def load_model_state(backbone, layers, state: dict[str, torch.Tensor]) -> None:
     for name, layer in layers.items():
         own = layer.state_dict()
         layer.load_state_dict({k: state[f"{name}.{k}"] for k in own})
-    table = backbone.text_encoder.get_input_embeddings().weight
-    for tok, idx in backbone.concept_tokens.items():
-        table[idx] = state[f"token::{tok}"]
+    for e, (_, encoder) in enumerate(backbone.text_pairs()):
+        table = encoder.get_input_embeddings().weight
+        for tok in backbone.concept_tokens:
+            table[backbone.concept_token_ids(tok)[e]] = state[f"token{e}::{tok}"]
 
 
 def save(out_dir: str | Path, state: dict, keep: int = 2) -> Path:

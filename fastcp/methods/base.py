@@ -133,14 +133,20 @@ class Method:
         return params
 
     def token_param_group(self, n: int) -> dict:
-        """Task n's concept-token embedding row (the rest of the table gets zero gradient)."""
-        emb = self.ctx.backbone.text_encoder.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        token_id = self.ctx.backbone.concept_tokens[self.ctx.concepts[n].token]
-        mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
-        mask[token_id] = 1
-        self._hooks = [emb.register_hook(lambda g: g * mask)]
-        return {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0}
+        """Task n's concept-token embedding row in every text encoder (the rest of each table gets
+        zero gradient, so Adam without weight decay leaves it untouched)."""
+        bb = self.ctx.backbone
+        token = self.ctx.concepts[n].token
+        tables = []
+        self._hooks = []
+        for (_, encoder), token_id in zip(bb.text_pairs(), bb.concept_token_ids(token)):
+            emb = encoder.get_input_embeddings().weight
+            emb.requires_grad_(True)
+            mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+            mask[token_id] = 1
+            self._hooks.append(emb.register_hook(lambda g, m=mask: g * m))
+            tables.append(emb)
+        return {"params": tables, "lr": self.args.token_learning_rate, "weight_decay": 0.0}
 
     def lora_param_group(self, slot: int) -> dict:
         """All LoRA tensors with a gradient mask that keeps only slot ``slot`` trainable."""

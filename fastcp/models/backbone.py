@@ -1,5 +1,6 @@
 """One backbone object for every text-to-image model fastcp trains: the embedded ``tiny`` model
-and diffusers pipeline directories (SD 1.x/2.x; SDXL later, see ``Conditioning``).
+and diffusers pipeline directories (SD 1.x/2.x, SDXL with its two text encoders and added
+conditions, see ``Conditioning``).
 
 Everything downstream (training, the DC engine, the methods, sampling) talks to a ``Backbone``
 and a ``Conditioning``, never to pipeline-specific code.
@@ -37,6 +38,14 @@ class Conditioning:
         extra = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.encoder_hidden_states[index], extra)
 
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """Rows of several conditionings stacked (e.g. unconditional + conditional for CFG)."""
+        extra = None
+        if parts[0].added_cond_kwargs is not None:
+            extra = {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in parts[0].added_cond_kwargs}
+        return Conditioning(torch.cat([p.encoder_hidden_states for p in parts]), extra)
+
     def to(self, *args, **kwargs) -> "Conditioning":
         extra = None if self.added_cond_kwargs is None else {k: v.to(*args, **kwargs) for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.encoder_hidden_states.to(*args, **kwargs), extra)
@@ -62,7 +71,21 @@ class Backbone:
     tokenizer: object
     scheduler: object
     vae: nn.Module | None = None
+    #: SDXL's second text encoder (CLIPTextModelWithProjection) and its tokenizer, else None
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: object = None
     concept_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_pairs(self) -> list[tuple[object, nn.Module]]:
+        """(tokenizer, text encoder) pairs: one for SD 1.x/2.x and tiny, two for SDXL."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        return pairs
 
     # ------------------------------------------------------------------ properties
     @property
@@ -91,28 +114,43 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device=None, dtype=None) -> "Backbone":
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if m is not None:
                 m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ text
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        )
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
         return tok.input_ids.to(self.device)
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """Prompts -> Conditioning with encoder_hidden_states [B, L, D] (last hidden state)."""
-        ids = self.tokenize(prompts)
-        hidden = self.text_encoder(ids)[0]
-        return Conditioning(hidden.to(self.dtype))
+        """Prompts -> Conditioning.
+
+        SD 1.x/2.x and tiny: encoder_hidden_states [B, L, D] = the text encoder's last hidden state.
+        SDXL: the penultimate hidden states of both encoders concatenated [B, L, D1 + D2], plus
+        added_cond_kwargs {"text_embeds": pooled projection of encoder 2 [B, P], "time_ids" [B, 6]
+        = (size, crop (0, 0), size)} as diffusers' SDXL pipeline builds them.
+        """
+        if not self.is_sdxl:
+            hidden = self.text_encoder(self.tokenize(prompts))[0]
+            return Conditioning(hidden.to(self.dtype))
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.text_pairs():
+            out = encoder(self.tokenize(prompts, tokenizer), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection model (the last encoder)
+        size = self.sample_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=self.dtype)
+        return Conditioning(torch.cat(hidden, dim=-1).to(self.dtype),
+                            {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.expand(len(prompts), -1)})
 
     @torch.no_grad()
     def add_concept_token(self, token: str, init_word: str | None = None, generator: torch.Generator | None = None) -> int:
-        """Add a new token (e.g. ``<v1>``) with its own input embedding; returns its id.
+        """Add a new token (e.g. ``<v1>``) with its own input embedding (in every text encoder);
+        returns its id in the first tokenizer.
 
         The embedding starts from ``init_word``'s embedding if given (textual-inversion style),
         else random with the mean norm of the table (no class word, as C-LoRA does).
@@ -120,24 +158,32 @@ class Backbone:
         """
         if token in self.concept_tokens:
             return self.concept_tokens[token]
-        if self.tokenizer.convert_tokens_to_ids(token) not in (None, self.tokenizer.unk_token_id):
-            raise ValueError(f"token: {token!r} is already a word of the tokenizer; pick an unused placeholder")
-        self.tokenizer.add_tokens([token])
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        table = self.text_encoder.get_input_embeddings().weight
-        init_id = None
-        if init_word is not None:
-            ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
-            if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id:
-                init_id = ids[0]
-        if init_id is not None:
-            table[token_id] = table[init_id]
-        else:
-            v = torch.randn(table.shape[1], generator=generator, device="cpu").to(table)
-            table[token_id] = v / v.norm() * table[: token_id].norm(dim=1).mean()
-        self.concept_tokens[token] = token_id
-        return token_id
+        for tokenizer, _ in self.text_pairs():
+            if tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id):
+                raise ValueError(f"token: {token!r} is already a word of the tokenizer; pick an unused placeholder")
+        ids = []
+        for tokenizer, encoder in self.text_pairs():
+            tokenizer.add_tokens([token])
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            table = encoder.get_input_embeddings().weight
+            init_id = None
+            if init_word is not None:
+                word_ids = tokenizer(init_word, add_special_tokens=False).input_ids
+                if len(word_ids) == 1 and word_ids[0] != tokenizer.unk_token_id:
+                    init_id = word_ids[0]
+            if init_id is not None:
+                table[token_id] = table[init_id]
+            else:
+                v = torch.randn(table.shape[1], generator=generator, device="cpu").to(table)
+                table[token_id] = v / v.norm() * table[:token_id].norm(dim=1).mean()
+            ids.append(token_id)
+        self.concept_tokens[token] = ids[0]
+        return ids[0]
+
+    def concept_token_ids(self, token: str) -> list[int]:
+        """The token's id in each tokenizer (one for SD/tiny, two for SDXL)."""
+        return [tokenizer.convert_tokens_to_ids(token) for tokenizer, _ in self.text_pairs()]
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,18 +222,18 @@ class Backbone:
 
         sched = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         out = []
-        uncond_all = self.encode_prompt([""])
+        uncond_one = self.encode_prompt([""])
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             cond = self.encode_prompt(chunk)
             n = len(chunk)
+            both = Conditioning.cat([uncond_one.select(torch.zeros(n, dtype=torch.long, device=self.device)), cond])
             x = torch.randn((n, *self.latent_shape), generator=generator, device="cpu").to(self.device, self.dtype)
             x = x * sched.init_noise_sigma
             sched.set_timesteps(num_inference_steps)
-            hidden = torch.cat([uncond_all.encoder_hidden_states.expand(n, -1, -1), cond.encoder_hidden_states])
             for t in sched.timesteps:
                 inp = sched.scale_model_input(torch.cat([x, x]), t)
-                pred = self.unet(inp, t, encoder_hidden_states=hidden).sample
+                pred = self.unet(inp, t, **both.unet_kwargs()).sample
                 pu, pc = pred.chunk(2)
                 pred = pu + guidance_scale * (pc - pu)
                 x = sched.step(pred, t, x).prev_sample
@@ -203,6 +249,9 @@ class Backbone:
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
         self.scheduler.save_pretrained(path / "scheduler")
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.save_pretrained(path / "text_encoder_2")
+            self.tokenizer_2.save_pretrained(path / "tokenizer_2")
         if self.vae is not None:
             self.vae.save_pretrained(path / "vae")
         index = {"_class_name": "FastcpBackbone", "name": self.name}
@@ -224,8 +273,9 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
     missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ValueError(f"backbone: {path} lacks the component folder(s) {', '.join(missing)}")
-    if (path / "text_encoder_2").is_dir():
-        raise ValueError(f"backbone: {path} is an SDXL pipeline (text_encoder_2/), not supported yet")
+    sdxl = (path / "text_encoder_2").is_dir()
+    if sdxl and not (path / "tokenizer_2").is_dir():
+        raise ValueError(f"backbone: {path} lacks the component folder(s) tokenizer_2")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per component is noise, not progress
@@ -234,6 +284,12 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        text_encoder_2 = tokenizer_2 = None
+        if sdxl:
+            from transformers import CLIPTextModelWithProjection
+
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", torch_dtype=dtype)
+            tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2")
         vae = None
         if (path / "vae").is_dir():
             from diffusers import AutoencoderKL
@@ -241,9 +297,10 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
             vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"backbone: cannot load {path}: {str(exc).splitlines()[0]}") from exc
-    for m in (unet, text_encoder, vae):
+    for m in (unet, text_encoder, text_encoder_2, vae):
         if m is not None:
             m.requires_grad_(False).eval()
     bb = Backbone(name="tiny" if name == "tiny" else str(path), unet=unet, text_encoder=text_encoder,
-                  tokenizer=tokenizer, scheduler=scheduler, vae=vae)
+                  tokenizer=tokenizer, scheduler=scheduler, vae=vae, text_encoder_2=text_encoder_2,
+                  tokenizer_2=tokenizer_2)
     return bb.to(device=device)

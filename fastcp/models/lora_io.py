@@ -125,34 +125,59 @@ def load_lora_adapter(unet: torch.nn.Module, path: str | os.PathLike, *, slot: i
 
 
 def save_concept_embeddings(backbone, path: str | os.PathLike, tokens: list[str]) -> Path:
-    """Write the input embeddings of ``tokens`` as ``<path>/learned_embeds.safetensors`` ({token: [D]})."""
-    table = backbone.text_encoder.get_input_embeddings().weight
-    out = {}
+    """Write the input embeddings of ``tokens`` as ``<path>/learned_embeds.safetensors``.
+
+    SD 1.x/2.x and tiny: {token: [D]} (diffusers' textual-inversion format). SDXL: one token per
+    file as {"clip_l": [1, D1], "clip_g": [1, D2]} with the token in the metadata (the format SDXL
+    embeddings are shared in; load each part with ``load_textual_inversion(..., text_encoder=...,
+    tokenizer=...)``).
+    """
     for tok in tokens:
         if tok not in backbone.concept_tokens:
             raise ValueError(f"tokens: {tok!r} is not a concept token of this backbone")
-        out[tok] = table[backbone.concept_tokens[tok]].detach().float().cpu().clone()
     path = Path(path)
     file = path / EMBEDS_NAME if path.suffix != ".safetensors" else path
+    if backbone.is_sdxl:
+        if len(tokens) != 1:
+            raise ValueError("tokens: an SDXL embeddings file holds exactly one token")
+        out = {}
+        for key, (_, encoder), tid in zip(("clip_l", "clip_g"), backbone.text_pairs(), backbone.concept_token_ids(tokens[0])):
+            out[key] = encoder.get_input_embeddings().weight[tid].detach().float().cpu().clone()[None]
+        _atomic_save_file(out, file, {"token": tokens[0]})
+        return file
+    table = backbone.text_encoder.get_input_embeddings().weight
+    out = {tok: table[backbone.concept_tokens[tok]].detach().float().cpu().clone() for tok in tokens}
     _atomic_save_file(out, file)
     return file
 
 
 def load_concept_embeddings(backbone, path: str | os.PathLike) -> list[str]:
     """Add (or overwrite) the tokens of a learned_embeds file in the backbone; returns the tokens."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     file = path / EMBEDS_NAME if path.suffix != ".safetensors" else path
     if not file.is_file():
         raise ValueError(f"embeddings: {file} does not exist")
-    data = load_file(str(file))
-    table = backbone.text_encoder.get_input_embeddings().weight
-    for tok, vec in data.items():
-        if vec.shape != (table.shape[1],):
-            raise ValueError(f"embeddings {file}: token {tok} has shape {list(vec.shape)}, model expects [{table.shape[1]}]")
-        token_id = backbone.add_concept_token(tok)
-        table = backbone.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[token_id] = vec.to(table)
-    return list(data)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    if set(data) == {"clip_l", "clip_g"}:
+        if not backbone.is_sdxl:
+            raise ValueError(f"embeddings {file} are SDXL embeddings (clip_l/clip_g); the model is not SDXL")
+        per_encoder = {meta.get("token", "<v1>"): [data["clip_l"][0], data["clip_g"][0]]}
+    else:
+        per_encoder = {tok: [vec] for tok, vec in data.items()}
+    for tok, vecs in per_encoder.items():
+        backbone.add_concept_token(tok)
+        if len(vecs) != len(backbone.text_pairs()):
+            raise ValueError(f"embeddings {file}: token {tok} has {len(vecs)} embedding(s), the model has "
+                             f"{len(backbone.text_pairs())} text encoder(s)")
+        for vec, (_, encoder), tid in zip(vecs, backbone.text_pairs(), backbone.concept_token_ids(tok)):
+            table = encoder.get_input_embeddings().weight
+            if vec.shape != (table.shape[1],):
+                raise ValueError(f"embeddings {file}: token {tok} has shape {list(vec.shape)}, "
+                                 f"model expects [{table.shape[1]}]")
+            with torch.no_grad():
+                table[tid] = vec.to(table)
+    return list(per_encoder)

@@ -98,3 +98,47 @@ def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int =
 
     shutil.rmtree(tok_dir, ignore_errors=True)
     return path
+
+
+def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16):
+    """Build and save a tiny random-weight SDXL pipeline (two CLIP text encoders, the second with
+    a projection; UNet with ``text_time`` added conditions); returns ``Path(path)``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+        norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=2 * sample_size,
+    )
+    tok_dir = path.parent / (path.name + "_tokenizer_src")
+    vocab_file, merges_file = _write_clip_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    tokenizer_2 = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+
+    def text_config(width):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                              projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_config(32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return path

@@ -24,13 +24,14 @@ Kernels (the rank is padded inside to BLOCK_R = next power of two >= 16, masked;
 ``_dy_pass_kernel``  backward, one read of dy for two results: U0 = dy @ B_seg and, per row tile,
                      the partial dB_tile = dyᵀ (g ⊙ S0) (fp32, [tiles, N, R])
 ``_outer_kernel``    split-K partials  P[split] = RT[rows]ᵀ (g ⊙ L)[rows]  (dA = Σ xᵀ(g⊙U0); dB when
-                     the dy-pass partials would need too much memory)
+                     the dy-pass partials would cost more traffic than re-reading dy: large ranks)
 ``_reduce_kernel``   out_seg = Σ_{splits of seg, in index order} P[split]: a fixed order, no atomics,
                      so every gradient is bit-reproducible for a given config.
 
 Backward = shrink (S0) → dy pass (U0, dB partials) → fused (dx = dy W + (g⊙U0) A, dy's 2nd read) →
-outer (dA partials, reads x) → reduce. dy is read twice (the U/dB pass and the dx GEMM); the dx
-GEMM cannot take U in the same pass because every dx tile needs all of U's OUT-sum first.
+outer (dA partials, reads x) → reduce. dy is read twice for r <= 16 (the U/dB pass and the dx GEMM;
+the dx GEMM cannot produce U in the same pass because every dx tile needs all of U's OUT-sum first),
+three times for larger ranks, where a per-tile dB partial would move more bytes than dy itself.
 """
 from __future__ import annotations
 
@@ -44,8 +45,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTCP_TRITON_AUTOTUNE=0 pins one config per kernel (results then also bit-identical across processes;
 # autotuning may pick different tile sizes in different processes, which changes fp summation order).
 AUTOTUNE = not INTERPRET and os.environ.get("FASTCP_TRITON_AUTOTUNE", "1") != "0"
-# The dy pass keeps one fp32 dB partial per row tile ([tiles, N, R]); above this many bytes dB is
-# computed by the split-K outer kernel instead (one more read of dy, bounded partial memory).
+# Where dB = Σ dyᵀ (g ⊙ S0) is computed. "dy_pass": in the pass that already reads dy for U0, as one fp32
+# partial per row tile ([tiles, N, R], written then read by the reduction); "outer": split-K over a second
+# read of dy, with few partials. "auto" picks the dy pass when its partial traffic is at most the bytes
+# of the dy read it saves (2·4·R/DY_BLOCK_M <= dy's element size, i.e. r <= 16 in bf16 with 64-row
+# tiles) and the partials fit in DY_PASS_PARTIAL_BYTES.
+DB_PATH = "auto"
 DY_PASS_PARTIAL_BYTES = 256 << 20
 
 
@@ -452,13 +457,23 @@ def outer(L, RT, scale, gates, segs: Segments, out, out_strides, N: int, R: int,
     return out
 
 
+def db_in_dy_pass(tiles: int, OUT: int, R: int, dy_bytes: int) -> bool:
+    """Whether dB comes from the dy pass's per-tile partials (see DB_PATH) rather than a split-K outer."""
+    if DB_PATH not in ("auto", "dy_pass", "outer"):
+        raise ValueError(f"DB_PATH: expected auto/dy_pass/outer, got {DB_PATH!r}")
+    if DB_PATH != "auto":
+        return DB_PATH == "dy_pass"
+    part = tiles * OUT * R * 4
+    return part <= DY_PASS_PARTIAL_BYTES and 2 * part <= dy_bytes
+
+
 def dy_pass(dy, lora_b, S0, scale, gates, segs: Segments, R: int, RK: int, db=None):
     """U0 [M, R] fp32 = dy[rows] @ B_seg, and with ``db`` ([K, OUT, r], written in place) dB_k = Σ dyᵀ (g ⊙ S0)
     from the same read of dy (per-tile partials, fixed-order reduction). Returns (U0, whether dB was done):
-    dB is skipped when its partials would exceed DY_PASS_PARTIAL_BYTES."""
+    dB is left to the caller when ``db_in_dy_pass`` says the partials cost more than a second read of dy."""
     M, OUT = dy.shape
     tiles = segs.max_items(DY_BLOCK_M)
-    with_db = db is not None and tiles * OUT * R * 4 <= DY_PASS_PARTIAL_BYTES
+    with_db = db is not None and db_in_dy_pass(tiles, OUT, R, dy.numel() * dy.element_size())
     U0 = torch.empty(M, R, dtype=torch.float32, device=dy.device)
     part = torch.empty((tiles, OUT, R) if with_db else (1, 1, 1), dtype=torch.float32, device=dy.device)
     g, sgm, sgk, row_gates = _gate_args(gates)

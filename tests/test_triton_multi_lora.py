@@ -29,6 +29,11 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def _force_triton(monkeypatch):
     # CPU tensors reach the interpreter only when the backend is forced (see TritonBackend.refuse)
     monkeypatch.setenv("FASTCP_BACKEND", "triton")
+    # dB from the dy pass's per-tile partials (its cost rule would send most interpreter-sized cases to the
+    # split-K outer path, which test_strided_operands_no_bias_and_db_through_split_k covers)
+    from fastcp.kernels import multi_lora as kern
+
+    monkeypatch.setattr(kern, "DB_PATH", "dy_pass")
 
 
 def make_problem(M, inn, out, K, r, mode, seed, *, bias=True, strided=False):
@@ -118,11 +123,11 @@ def test_forward_and_gradients_match_reference(M, inn, out, K, r, mode):
 
 
 def test_strided_operands_no_bias_and_db_through_split_k(monkeypatch):
-    """Non-contiguous W, A, B views; no bias; dB forced through the split-K outer kernel (the path taken
-    when the dy-pass partials would exceed their memory budget)."""
+    """Non-contiguous W, A, B views; no bias; dB through the split-K outer kernel (the path "auto" takes
+    when per-tile partials in the dy pass would move more bytes than a second read of dy)."""
     from fastcp.kernels import multi_lora as kern
 
-    monkeypatch.setattr(kern, "DY_PASS_PARTIAL_BYTES", 0)
+    monkeypatch.setattr(kern, "DB_PATH", "outer")
     for mode, K in (("routed", 3), ("dense", 2)):
         p = make_problem(35, 26, 22, K, 3, mode, seed=5, bias=False, strided=True)
         assert not p.weight.is_contiguous() and not p.lora_b.is_contiguous()
@@ -133,6 +138,20 @@ def test_strided_operands_no_bias_and_db_through_split_k(monkeypatch):
         for name, a, e in (("y", y, y_ref), ("dx", dx, dx_ref), ("dA", da, da_ref), ("dB", db, db_ref),
                            ("dg", dg, dg_ref)):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4, msg=lambda m, name=name: f"{mode} {name}: {m}")
+
+
+def test_db_path_cost_rule(monkeypatch):
+    from fastcp.kernels import multi_lora as kern
+
+    monkeypatch.setattr(kern, "DB_PATH", "auto")
+    M, OUT = 16384, 320
+    tiles = M // 64 + 17
+    assert kern.db_in_dy_pass(tiles, OUT, 8, M * OUT * 2)        # bf16, r=8: partials are cheaper
+    assert not kern.db_in_dy_pass(tiles, OUT, 64, M * OUT * 2)          # r=64: re-reading dy is cheaper
+    assert not kern.db_in_dy_pass(10**6, 4096, 16, 10**12)              # partials over the memory budget
+    monkeypatch.setattr(kern, "DB_PATH", "sideways")
+    with pytest.raises(ValueError, match="DB_PATH"):
+        kern.db_in_dy_pass(1, 1, 1, 1)
 
 
 def test_only_requested_gradients_are_computed():
@@ -146,6 +165,19 @@ def test_only_requested_gradients_are_computed():
     assert dx is None and db is None
     torch.testing.assert_close(da, da_ref, rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("M", [0, 5])
+def test_empty_batch_and_all_rows_base_only(M):
+    g = torch.Generator().manual_seed(M)
+    x, W, dy = torch.randn(M, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(M, 6, generator=g)
+    A, Bm = torch.randn(2, 3, 8, generator=g), torch.randn(2, 6, 3, generator=g)
+    p = LoraProblem(*(t.to(DEV) for t in (x, W)), None, A.to(DEV), Bm.to(DEV), torch.ones(2, device=DEV), "routed",
+                    torch.full((M,), -1, dtype=torch.int32, device=DEV))
+    torch.testing.assert_close(BE.forward(p).cpu(), x @ W.T)
+    dx, da, db, dg = BE.backward(p, dy.to(DEV), True, True, True, True)
+    torch.testing.assert_close(dx.cpu(), dy @ W)
+    assert dg is None and torch.count_nonzero(da) == 0 and torch.count_nonzero(db) == 0
 
 
 @pytest.mark.parametrize("mode", ["routed", "dense"])

@@ -60,6 +60,8 @@ class TritonBackend(Backend):
             reasons.append(f"mode {p.mode!r} not in all/routed/dense")
         if p.mode == "routed" and (p.row_ids is None or p.row_ids.dtype not in (torch.int32, torch.int64)):
             reasons.append("mode routed needs integer row_ids")
+        elif p.mode == "routed" and p.row_ids.device != p.x.device:
+            reasons.append(f"row_ids is on {p.row_ids.device}, x on {p.x.device}")
         if p.mode == "dense" and p.row_gates is None:
             reasons.append("mode dense needs row_gates")
         return reasons

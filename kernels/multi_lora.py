@@ -184,7 +184,8 @@ def _shrink_kernel(X, P, S, ROWS, SEG_START, SEG_END, NSEG, NLORA, M_BUCKET, IN,
         tl.store(S + rows[:, None] * stride_sm + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "IN", "R"])
+# stride_wi in the key: the forward (W read along IN) and dx (W read transposed) of a square layer tune apart
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "IN", "R", "stride_wi"])
 @triton.jit
 def _fused_kernel(X, W, BIAS, S, Q, Y, ROWS, SEG_START, SEG_END, NSEG, NLORA, SCALE, GATES, M_BUCKET, IN, N, R, RK,
                   stride_xm, stride_xi, stride_wn, stride_wi, stride_sm, stride_qk, stride_qn, stride_qj,

@@ -29,9 +29,10 @@ Kernels (the rank is padded inside to BLOCK_R = next power of two >= 16, masked;
                      so every gradient is bit-reproducible for a given config.
 
 Backward = shrink (S0) → dy pass (U0, dB partials) → fused (dx = dy W + (g⊙U0) A, dy's 2nd read) →
-outer (dA partials, reads x) → reduce. dy is read twice for r <= 16 (the U/dB pass and the dx GEMM;
-the dx GEMM cannot produce U in the same pass because every dx tile needs all of U's OUT-sum first),
-three times for larger ranks, where a per-tile dB partial would move more bytes than dy itself.
+outer (dA partials, reads x) → reduce. dy is read twice when R <= 16 in bf16 (R <= 32 in fp32; R = r
+routed, K·r stacked): the U/dB pass and the dx GEMM (which cannot produce U itself: every dx tile needs
+U's whole OUT-sum first). For larger R it is read three times, because a per-tile dB partial would then
+move more bytes than dy does (see DB_PATH).
 """
 from __future__ import annotations
 

@@ -88,56 +88,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _typed(kind, ok, what):
+    """argparse type: convert with ``kind`` and reject values failing ``ok`` (a one-line usage error)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return convert
+
+
+_FRACTION = _typed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+_NONNEG = _typed(float, lambda v: v >= 0, "a number >= 0")
+_POS = _typed(float, lambda v: v > 0, "a number > 0")
+_POSINT = _typed(int, lambda v: v >= 1, "an integer >= 1")
+_NATURAL = _typed(int, lambda v: v >= 0, "an integer >= 0")
+
+
 def add_method_hyperparameters(p: argparse.ArgumentParser) -> None:
     """Hyperparameters of the CP methods (DESIGN.md section 6); names follow the papers' symbols.
     Defaults were chosen on the embedded tiny sequence; the reason for each is in its help."""
     g = p.add_argument_group("method hyperparameters")
-    g.add_argument("--mask_topk", type=float, default=1.0,
+    g.add_argument("--mask_topk", type=_FRACTION, default=1.0,
                    help="magmax: keep only this top fraction of |tau_n| per layer before the max-magnitude merge "
                         "(default 1.0 = plain MagMax; the selective update of Deja et al. uses e.g. 0.1)")
-    g.add_argument("--clora_lambda", type=float, default=1e3,
+    g.add_argument("--clora_lambda", type=_NONNEG, default=1e3,
                    help="clora: lambda of ||abs(dW_<n) * dW_n||_F^2 (default 1e3: makes the penalty comparable to "
                         "L_diff (~0.1) once earlier deltas reach their typical size on the tiny model)")
-    g.add_argument("--dc_temperature", type=float, default=0.01,
-                   help="ewc_dc/dsc: DC temperature tau of softmax(-mean_t err / tau) (default 0.01: error gaps "
-                        "between concepts are ~1e-3..1e-2 on the tiny model, so tau=1 would give flat scores)")
-    g.add_argument("--dc_delta", type=float, default=0.1,
+    g.add_argument("--dc_temperature", type=_POS, default=0.1,
+                   help="ewc_dc/dsc: DC temperature tau of softmax(-mean_t err / tau) (default 0.1: error gaps "
+                        "between concepts are ~3e-3..6e-2 on the tiny model; tau=1 gives flat scores, tau=0.01 "
+                        "saturates p(c_n|x) within tens of steps (CE ~1e-8), which also zeroes the Fisher)")
+    g.add_argument("--dc_delta", type=_NONNEG, default=0.1,
                    help="ewc_dc/dsc: delta, weight of CE(DC logits, c_n) (default 0.1: CE is O(1), L_diff O(0.1))")
-    g.add_argument("--dc_concepts", type=int, default=5,
+    g.add_argument("--dc_concepts", type=_POSINT, default=5,
                    help="ewc_dc/dsc: DC candidates per step incl. c_0 and c_n (default 5: all seen concepts up to "
                         "a cap that bounds the per-step cost)")
-    g.add_argument("--dc_train_timesteps", type=int, default=2,
+    g.add_argument("--dc_train_timesteps", type=_POSINT, default=2,
                    help="ewc_dc/dsc: DC timesteps per step (default 2: a fresh draw every step averages out)")
-    g.add_argument("--dc_images", type=int, default=4,
+    g.add_argument("--dc_images", type=_POSINT, default=4,
                    help="ewc_dc/dsc: batch images that get DC terms per step (default 4 = half the batch: the DC "
                         "pass has images x concepts x timesteps rows)")
-    g.add_argument("--ewc_lambda", type=float, default=1e4,
-                   help="ewc_dc/dsc_ewc: lambda of (lambda/2) sum F (dW_n)^2 (default 1e4, from a sweep on tiny)")
-    g.add_argument("--ewc_gamma", type=float, default=1.0,
+    g.add_argument("--ewc_lambda", type=_NONNEG, default=1e4,
+                   help="ewc_dc/dsc_ewc: lambda of (lambda/2) sum F (dW_n)^2 (default 1e4: on tiny with tau=0.1 the "
+                        "sum F (dW_n)^2 of an unregularised task is ~1e-5, so the penalty reaches L_diff's ~0.06)")
+    g.add_argument("--ewc_gamma", type=_typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=1.0,
                    help="ewc_dc/dsc_ewc: decay gamma of F <- gamma F + F_n (default 1: every earlier concept "
                         "counts fully, the CP goal; < 1 favours recent concepts)")
-    g.add_argument("--fisher_timesteps", type=int, default=4,
+    g.add_argument("--fisher_timesteps", type=_POSINT, default=4,
                    help="ewc_dc: timesteps (evenly spaced) per image for the Fisher (default 4)")
-    g.add_argument("--fisher_images", type=int, default=8,
+    g.add_argument("--fisher_images", type=_POSINT, default=8,
                    help="ewc_dc: training images per task for the Fisher (default 8 = all of an embedded concept)")
-    g.add_argument("--dsc_alpha", type=float, default=1.0,
+    g.add_argument("--dsc_alpha", type=_NONNEG, default=1.0,
                    help="dsc: alpha, weight of KL(p_old || p_new) over old concepts (default 1: same order as CE)")
-    g.add_argument("--dsc_beta", type=float, default=1.0,
+    g.add_argument("--dsc_beta", type=_NONNEG, default=1.0,
                    help="dsc: beta, weight of mean ||eps_new - eps_old||^2 over old concepts (default 1: the "
                         "scale of L_diff, i.e. old prompts' predictions weigh as much as the new concept's loss)")
-    g.add_argument("--fl2t_set_size", type=int, default=1,
+    g.add_argument("--fl2t_set_size", type=_NATURAL, default=1,
                    help="fl2t: concepts learned concurrently per set (default 1 = each task a set, strictly "
                         "continual; 0 = the whole sequence is one set, the paper's concurrent setting)")
-    g.add_argument("--fl2t_proxy_dim", type=int, default=64, help="fl2t: width d of proxies in the set module (default 64)")
-    g.add_argument("--fl2t_heads", type=int, default=4, help="fl2t: attention heads of the set module (default 4)")
-    g.add_argument("--fl2t_layers", type=int, default=1, help="fl2t: encoder layers of the set module (default 1)")
-    g.add_argument("--fl2t_tau", type=float, default=0.1, help="fl2t: InfoNCE temperature tau_c (default 0.1, CLIP-like)")
-    g.add_argument("--fl2t_nce_weight", type=float, default=0.1,
+    g.add_argument("--fl2t_proxy_dim", type=_POSINT, default=64, help="fl2t: width d of proxies in the set module (default 64)")
+    g.add_argument("--fl2t_heads", type=_POSINT, default=4, help="fl2t: attention heads of the set module (default 4)")
+    g.add_argument("--fl2t_layers", type=_POSINT, default=1, help="fl2t: encoder layers of the set module (default 1)")
+    g.add_argument("--fl2t_tau", type=_POS, default=0.1, help="fl2t: InfoNCE temperature tau_c (default 0.1, CLIP-like)")
+    g.add_argument("--fl2t_nce_weight", type=_NONNEG, default=0.1,
                    help="fl2t: weight of the InfoNCE term (default 0.1: O(1) loss kept below L_diff's influence)")
     g.add_argument("--fl2t_gate_scale", type=float, default=1.0, help="fl2t: initial a_l of g = sigmoid(a_l s + c_l)")
     g.add_argument("--fl2t_gate_bias", type=float, default=-2.0,
                    help="fl2t: initial c_l (default -2: other concepts' adapters start mostly off, g ~ 0.12)")
-    g.add_argument("--fl2t_learning_rate", type=float, default=1e-3,
+    g.add_argument("--fl2t_learning_rate", type=_POS, default=1e-3,
                    help="fl2t: learning rate of the proxies and the set module (default 1e-3)")
 
 

@@ -1,0 +1,168 @@
+"""``python -m fastcp.experiments compare``: every CP method × seeds on the embedded sequence.
+
+    python -m fastcp.experiments compare                         # all methods, seeds 0 1 2, train defaults
+    python -m fastcp.experiments compare --methods naive,dsc --seeds 0 1 2 -- --max_concepts 3 --max_train_steps 100
+
+Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged (same flags, same
+defaults). Each (method, seed) run lands in ``<runs_dir>/<method>/seed_<s>/`` and is skipped when
+its ``results.json`` already exists (so an interrupted comparison resumes; ``--rerun`` redoes
+them). The seed changes the rendering of the embedded concepts' images, the LoRA/token
+initialisation and every training draw (the concept order is the sequence's own).
+
+Writes ``<results>.json``::
+
+    {"methods": {name: {"runs": int, "seeds": [int],
+                        "metrics": {metric: {"average": {"mean", "std"}, "forgetting": {"mean", "std"}}},
+                        "seconds_per_task": {"mean", "std"},   # training only (no evaluation)
+                        "time_vs_naive": float | null}},
+     "train_args": [...], "commit": str, "torch": str, "device": str, "threads": int}
+
+and ``<results>.md``: one Markdown table (mean ± std over seeds) for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALL_METHODS = ["naive", "merge", "ortho", "magmax", "clora", "ewc_dc", "dsc", "dsc_ewc", "fl2t", "joint", "separate"]
+METRIC_ORDER = ["fidelity", "dc_acc", "holdout_loss"]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _mean_std(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict:
+    """runs: {method: [{"results": results.json, "task_seconds": [float]}]} -> the "methods" dict."""
+    out = {}
+    for m, rs in runs.items():
+        if not rs:
+            continue
+        metrics = {}
+        for name in rs[0]["results"]["metrics"]:
+            metrics[name] = {
+                "average": _mean_std([r["results"]["metrics"][name]["average"] for r in rs]),
+                "forgetting": _mean_std([r["results"]["metrics"][name]["forgetting"] for r in rs]),
+            }
+        secs = [s for r in rs for s in r["task_seconds"]]
+        out[m] = {"runs": len(rs), "seeds": [r["results"]["seed"] for r in rs], "metrics": metrics,
+                  "seconds_per_task": _mean_std(secs)}
+    base = out.get("naive", {}).get("seconds_per_task", {}).get("mean")
+    for m in out:
+        out[m]["time_vs_naive"] = (out[m]["seconds_per_task"]["mean"] / base) if base else None
+    return out
+
+
+def markdown_table(methods: dict) -> str:
+    """Rows = methods; columns = average/forgetting per metric (mean ± std) and train s/task."""
+    metrics = [m for m in METRIC_ORDER if any(m in v["metrics"] for v in methods.values())]
+    head = ["method"]
+    for m in metrics:
+        arrow = "↓" if m == "holdout_loss" else "↑"
+        head += [f"{m} avg {arrow}", f"{m} forget ↓"]
+    head += ["train s/task", "× naive"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in methods.items():
+        row = [f"`{name}`"]
+        for m in metrics:
+            s = v["metrics"].get(m)
+            if s is None:
+                row += ["–", "–"]
+                continue
+            row += [f"{s['average']['mean']:.3f} ± {s['average']['std']:.3f}",
+                    f"{s['forgetting']['mean']:.3f} ± {s['forgetting']['std']:.3f}"]
+        sp = v["seconds_per_task"]
+        row += [f"{sp['mean']:.1f}", f"{v['time_vs_naive']:.2f}" if v["time_vs_naive"] else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(argv: list[str]) -> int:
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    else:
+        train_args = []
+    p = argparse.ArgumentParser(prog="python -m fastcp.experiments compare",
+                                description="every CP method x seeds on the embedded sequence; args after -- go to fastcp.train")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--runs_dir", type=Path, default=Path("outputs/cp_compare"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/cp_methods"),
+                   help="output stem: writes <stem>.json and <stem>.md")
+    p.add_argument("--rerun", action="store_true", help="redo runs whose results.json exists")
+    args = p.parse_args(argv)
+    from fastcp import train
+    from fastcp.eval.report import atomic_write_json
+    from fastcp.methods import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"fastcp.experiments: error: unknown method(s) {unknown}; choose from {sorted(METHODS)}", file=sys.stderr)
+        return 2
+    for bad in ("--method", "--seed", "--output_dir"):
+        if bad in train_args:
+            print(f"fastcp.experiments: error: {bad} is set by the comparison; remove it after --", file=sys.stderr)
+            return 2
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for m in methods:
+        for s in args.seeds:
+            out = args.runs_dir / m / f"seed_{s}"
+            if args.rerun or not (out / "results.json").exists():
+                t0 = time.time()
+                rc = train.main(["--method", m, "--seed", str(s), "--output_dir", str(out), "--overwrite_output_dir",
+                                 *train_args])
+                if rc != 0:
+                    print(f"fastcp.experiments: error: {m} seed {s} failed (exit {rc})", file=sys.stderr)
+                    return rc
+                print(f"[compare] {m} seed {s}: {time.time() - t0:.0f}s", flush=True)
+            results = json.loads((out / "results.json").read_text())
+            log = json.loads((out / "train_log.json").read_text())
+            runs[m].append({"results": results, "task_seconds": [t["train_seconds"] for t in log["tasks"]]})
+    import torch
+
+    summary = {"methods": aggregate(runs), "train_args": train_args, "seeds": args.seeds, "commit": _commit(),
+               "torch": torch.__version__, "device": f"cpu ({platform.processor() or platform.machine()})",
+               "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results.with_suffix(".json"), summary)
+    table = markdown_table(summary["methods"])
+    cmd = "python -m fastcp.experiments compare " + " ".join(argv + (["--"] + train_args if train_args else []))
+    md = (f"Continual personalization on the embedded tiny sequence, mean ± std over seeds {args.seeds} "
+          f"(`{cmd.strip()}`, commit {summary['commit']}). avg = last row of the task × concept matrix; "
+          f"forget = mean drop from each concept's best; train s/task excludes evaluation.\n\n" + table)
+    tmp = args.results.with_suffix(".md.tmp")
+    tmp.write_text(md)
+    os.replace(tmp, args.results.with_suffix(".md"))
+    print(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("compare",):
+        print("usage: python -m fastcp.experiments compare [--methods ...] [--seeds ...] [-- train flags]", file=sys.stderr)
+        return 2
+    return compare(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,9 +4,11 @@
 // the ids (x itself is never permuted); each adapter's group runs two small GEMMs (shrink to rank
 // r, expand to out) and is scattered back with index_add_. Cost: one base GEMM + Σ_k n_k·r·(in+out),
 // against K·M·r·(in+out) for the dense reference.
+// Groups run in parallel over adapters (at::parallel_for) when there are enough of them.
 // Dense (per-row gates g [M, K]): all K adapters are one LoRA of rank K·r with the gated
 // intermediate S ⊙ (g·s ⊗ 1_r) — two GEMMs whatever K is.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -38,6 +40,30 @@ Groups group_rows(const at::Tensor& row_ids, int64_t K) {
   return g;
 }
 
+std::vector<double> scale_vector(const at::Tensor& scale) {
+  auto sc = scale.to(at::kDouble).cpu().contiguous();
+  return std::vector<double>(sc.data_ptr<double>(), sc.data_ptr<double>() + sc.numel());
+}
+
+// Runs fn(k) for every adapter k that has rows. With at least as many non-empty groups as
+// threads, the groups run in parallel (at::parallel_for, one group per task; the small per-group
+// GEMMs then run single-threaded inside the parallel region, which is what they are good at).
+// With fewer groups, they run one after another and each GEMM uses the threads itself.
+template <typename F>
+void for_each_group(const Groups& g, const F& fn) {
+  std::vector<int64_t> busy;
+  for (size_t k = 0; k < g.start.size(); ++k)
+    if (g.end[k] > g.start[k]) busy.push_back(static_cast<int64_t>(k));
+  const int64_t n = static_cast<int64_t>(busy.size());
+  if (n >= at::get_num_threads() && at::get_num_threads() > 1) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) fn(busy[i]);
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i) fn(busy[i]);
+  }
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && A.dim() == 3 && B.dim() == 3, "fastcp lora: bad ranks");
@@ -62,14 +88,13 @@ at::Tensor lora_routed_forward(const at::Tensor& x, const at::Tensor& weight, co
   auto y = base_linear(x, weight, bias);
   const int64_t K = A.size(0);
   auto g = group_rows(row_ids, K);
-  auto sc = scale.to(at::kDouble).cpu();
-  for (int64_t k = 0; k < K; ++k) {
-    if (g.end[k] == g.start[k]) continue;  // adapter without rows: nothing to do
+  auto sc = scale_vector(scale);
+  for_each_group(g, [&](int64_t k) {
     auto rows = g.order.slice(0, g.start[k], g.end[k]);
     auto xk = x.index_select(0, rows);
-    auto s = at::mm(xk, A[k].t()).mul_(sc[k].item<double>());  // shrink [n, r]
-    y.index_add_(0, rows, at::mm(s, B[k].t()));                 // expand [n, out]
-  }
+    auto s = at::mm(xk, A[k].t()).mul_(sc[k]);    // shrink [n, r]
+    y.index_add_(0, rows, at::mm(s, B[k].t()));   // expand [n, out]; groups own disjoint rows of y
+  });
   return y;
 }
 
@@ -79,13 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_routed_backward(
   check_common(x, weight, A, B, scale);
   const int64_t K = A.size(0);
   auto g = group_rows(row_ids, K);
-  auto sc = scale.to(at::kDouble).cpu();
+  auto sc = scale_vector(scale);
   at::Tensor dx = need_dx ? at::mm(dy, weight) : at::Tensor();
-  at::Tensor dA = need_da ? at::zeros_like(A) : at::Tensor();
+  at::Tensor dA = need_da ? at::zeros_like(A) : at::Tensor();  // adapters without rows keep zero grads
   at::Tensor dB = need_db ? at::zeros_like(B) : at::Tensor();
-  for (int64_t k = 0; k < K; ++k) {
-    if (g.end[k] == g.start[k]) continue;
-    const double s_k = sc[k].item<double>();
+  // Each group writes only its own rows of dx and its own slices dA[k], dB[k]: no reductions
+  // across threads, so the result does not depend on the thread count.
+  for_each_group(g, [&](int64_t k) {
+    const double s_k = sc[k];
     auto rows = g.order.slice(0, g.start[k], g.end[k]);
     auto xk = x.index_select(0, rows);
     auto dyk = dy.index_select(0, rows);
@@ -93,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_routed_backward(
     if (need_dx) dx.index_add_(0, rows, at::mm(u, A[k]));
     if (need_da) dA[k].copy_(at::mm(u.t(), xk));
     if (need_db) dB[k].copy_(at::mm(dyk.t(), at::mm(xk, A[k].t())).mul_(s_k));
-  }
+  });
   return {dx, dA, dB};
 }
 

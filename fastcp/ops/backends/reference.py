@@ -23,13 +23,16 @@ class ReferenceBackend(Backend):
         G = g * p.scale.to(p.x.dtype)
         s = torch.einsum("mi,kri->mkr", p.x, p.lora_a)                # S = x Aᵀ   [M, K, r]
         u = torch.einsum("mo,kor->mkr", dy, p.lora_b)                 # U = dy B   [M, K, r]
+        # Gate the [M, K, r] intermediates before contracting: a three-operand einsum such as
+        # "mk,mkr,kri->mi" may be contracted pairwise through an [M, K, r, in] temporary.
+        ug = u * G[:, :, None]                                        # G ⊙ U     [M, K, r]
         dx = da = db = dg = None
         if need_dx:
-            dx = dy @ p.weight + torch.einsum("mk,mkr,kri->mi", G, u, p.lora_a)
+            dx = dy @ p.weight + ug.reshape(ug.shape[0], -1) @ p.lora_a.reshape(-1, p.lora_a.shape[2])
         if need_da:
-            da = torch.einsum("mk,mkr,mi->kri", G, u, p.x)
+            da = torch.einsum("mkr,mi->kri", ug, p.x)
         if need_db:
-            db = torch.einsum("mk,mo,mkr->kor", G, dy, s)
+            db = torch.einsum("mo,mkr->kor", dy, s * G[:, :, None])
         if need_dg and p.mode != "routed":
             dg = (u * s).sum(-1) * p.scale.to(p.x.dtype)
         return dx, da, db, dg

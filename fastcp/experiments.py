@@ -156,12 +156,98 @@ def compare(argv: list[str]) -> int:
     return 0
 
 
+def profile(argv: list[str]) -> int:
+    """Where a training step's time goes: per method, the median seconds of each loss term's
+    forward+backward at task ``--task`` (so the DC terms see task+2 candidates), and the Fisher.
+
+        python -m fastcp.experiments profile [--methods naive,ewc_dc,dsc] [--task 2] [--steps 5]
+    """
+    import statistics
+
+    import torch
+
+    from fastcp.continual import run_continual  # noqa: F401  (same imports as a run)
+    from fastcp.data.concepts import embedded_sequence
+    from fastcp.methods import Context, get_method
+    from fastcp.models import load_backbone
+    from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
+    from fastcp import train
+
+    p = argparse.ArgumentParser(prog="python -m fastcp.experiments profile")
+    p.add_argument("--methods", default="naive,ewc_dc,dsc,dsc_ewc")
+    p.add_argument("--task", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    args, rest = p.parse_known_args(argv)
+    report = {}
+    for name in args.methods.split(","):
+        targs = train.build_parser().parse_args(["--output_dir", "unused", "--method", name, *rest])
+        targs.lora_alpha = float(targs.rank)
+        bb = load_backbone("tiny")
+        concepts = embedded_sequence(args.task + 1, seed=0)
+        m = get_method(name)(targs)
+        layers = inject_multi_lora(bb.unet, num_adapters=m.slots_needed(len(concepts)), rank=targs.rank,
+                                   alpha=targs.lora_alpha, targets=tuple(m.lora_targets) + FEEDFORWARD_TARGETS)
+        gen = torch.Generator().manual_seed(0)
+        for c in concepts:
+            bb.add_concept_token(c.token, init_word=c.class_word, generator=gen)
+        bb.text_encoder.requires_grad_(False)
+        m.setup(Context(backbone=bb, layers=layers, concepts=concepts, args=targs, generator=gen))
+        t_end = []
+        for n in range(args.task):
+            m.begin_task(n)
+            m.release_hooks()
+            t0 = time.perf_counter()
+            m.end_task(n)
+            t_end.append(time.perf_counter() - t0)
+        m.begin_task(args.task)
+        latents = [bb.encode_images(c.train_images) for c in concepts]
+        parts: dict[str, list[float]] = {}
+
+        def timed(key, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            out.backward()
+            parts.setdefault(key, []).append(time.perf_counter() - t0)
+
+        for _ in range(args.steps + 1):  # the first step is warm-up
+            batch = m.sample_batch(args.task, latents, targs.train_batch_size)
+            timed("step (loss fwd+bwd)", lambda: m.loss(batch)["loss"])
+            timed("L_diff fwd+bwd", lambda: m.diffusion_loss(batch))
+            if hasattr(m, "dsc_pass"):
+                timed("DC pass fwd+bwd (student+teacher rows)",
+                      lambda: sum(v for v in m.dsc_pass(batch).values()))
+            elif hasattr(m, "dc_ce"):
+                timed("DC CE fwd+bwd", lambda: m.dc_ce(batch))
+            if getattr(m, "fisher", None):
+                timed("EWC penalty fwd+bwd", lambda: m.ewc_penalty())
+        med = {k: statistics.median(v[1:]) for k, v in parts.items()}
+        med["end_task (merge + Fisher)"] = statistics.median(t_end) if t_end else 0.0
+        report[name] = med
+        m.release_hooks()
+    base = report.get("naive", {}).get("step (loss fwd+bwd)")
+    for name, med in report.items():
+        ratio = f" ({med['step (loss fwd+bwd)'] / base:.2f}x naive)" if base else ""
+        print(f"{name}: step {med['step (loss fwd+bwd)'] * 1e3:.1f} ms{ratio}")
+        for k, v in med.items():
+            if k != "step (loss fwd+bwd)":
+                print(f"    {k:42s} {v * 1e3:9.1f} ms")
+    if args.out is not None:
+        from fastcp.eval.report import atomic_write_json
+
+        atomic_write_json(args.out, {"task": args.task, "steps": args.steps, "train_args": rest,
+                                     "median_seconds": report, "threads": torch.get_num_threads()})
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("compare",):
-        print("usage: python -m fastcp.experiments compare [--methods ...] [--seeds ...] [-- train flags]", file=sys.stderr)
+    if not argv or argv[0] not in ("compare", "profile"):
+        print("usage: python -m fastcp.experiments compare [--methods ...] [--seeds ...] [-- train flags]\n"
+              "       python -m fastcp.experiments profile [--methods ...] [--task N] [--steps S] [train flags]",
+              file=sys.stderr)
         return 2
-    return compare(argv[1:])
+    return compare(argv[1:]) if argv[0] == "compare" else profile(argv[1:])
 
 
 if __name__ == "__main__":

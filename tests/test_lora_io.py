@@ -88,3 +88,49 @@ def test_concept_embeddings_load_in_diffusers(sd_dir, tmp_path):
     pipe.load_textual_inversion(tmp_path / "emb" / "learned_embeds.safetensors")
     pid = pipe.tokenizer.convert_tokens_to_ids("<v1>")
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[pid], vec)
+
+
+def test_partial_targets_wrap_only_those_modules_in_diffusers(sd_dir, tmp_path):
+    """Adapters on attn2.to_k/to_v only: diffusers wraps exactly those modules and matches fastcp."""
+    from diffusers import StableDiffusionPipeline
+
+    bb = load_backbone(sd_dir)
+    x, t, hidden = _inputs(bb)
+    inject_multi_lora(bb.unet, num_adapters=1, rank=3, alpha=5.0, targets=("attn2.to_k", "attn2.to_v"))
+    _randomize(bb.unet, 0, seed=7)
+    with torch.no_grad(), lora_routing(bb.unet, adapter_ids=torch.tensor([0, 0])):
+        ours = bb.unet(x, t, encoder_hidden_states=hidden).sample
+    save_lora_adapter(bb.unet, tmp_path / "kv", slot=0)
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "kv")
+    wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+    assert len(wrapped) == 8 and wrapped == set(lora_layers(bb.unet))  # 4 transformer blocks x (to_k, to_v)
+    with torch.no_grad():
+        theirs = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_file_or_slot_leaves_the_model_unchanged(sd_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bb = load_backbone(sd_dir)
+    inject_multi_lora(bb.unet, num_adapters=2, rank=4)
+    _randomize(bb.unet, 0, seed=9)
+    save_lora_adapter(bb.unet, tmp_path / "a", slot=0)
+    with pytest.raises(ValueError, match="slot"):
+        load_lora_adapter(bb.unet, tmp_path / "a", slot=2)
+    with pytest.raises(ValueError, match="slot"):
+        save_lora_adapter(bb.unet, tmp_path / "b", slot=5)
+    # corrupt the last layer's B only: the load must fail before slot 1 of any layer changes
+    sd = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    last = sorted(k for k in sd if k.endswith("lora_B.weight"))[-1]
+    sd[last] = sd[last][:-1]
+    save_file(sd, tmp_path / "bad.safetensors")
+    before = {n: (l.lora_a[1].clone(), l.lora_b[1].clone()) for n, l in lora_layers(bb.unet).items()}
+    with pytest.raises(ValueError, match=r"does not match the model: layer .* file has A \[4, \d+\], B \[\d+, 4\]"):
+        load_lora_adapter(bb.unet, tmp_path / "bad.safetensors", slot=1)
+    for n, l in lora_layers(bb.unet).items():
+        assert torch.equal(l.lora_a[1], before[n][0]) and torch.equal(l.lora_b[1], before[n][1])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_lora_adapter(bb.unet, tmp_path / "nowhere")

@@ -63,7 +63,9 @@ def lora_state_dict(unet: torch.nn.Module, slot: int = 0, prefix: str = "unet.")
         sd[f"{prefix}{name}.lora_B.weight"] = layer.lora_b[slot, :, :r].detach().float().cpu().contiguous()
         ranks.add(r)
         alphas.add(round(float(layer.scaling[slot]) * r, 6))
-        targets.add(name.split(".")[-1] if not name.endswith("to_out.0") else "to_out.0")
+        # full module paths (what diffusers infers when a file has no metadata): peft matches a
+        # target by suffix, so a bare "to_k" would also wrap every to_k fastcp did not inject
+        targets.add(name)
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"slot: layers of slot {slot} differ in rank/alpha ({sorted(ranks)}, {sorted(alphas)})")
     config = {"r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": sorted(targets),
@@ -101,6 +103,11 @@ def load_lora_adapter(unet: torch.nn.Module, path: str | os.PathLike, *, slot: i
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     layers = lora_layers(unet)
+    if not layers:
+        raise ValueError("unet: has no MultiLoRALinear layer (inject adapters first)")
+    num_slots = next(iter(layers.values())).num_adapters
+    if not isinstance(slot, int) or not 0 <= slot < num_slots:
+        raise ValueError(f"slot: {slot!r} out of range for {num_slots} adapter slot(s)")
     expected = {f"unet.{n}.lora_{m}.weight" for n in layers for m in "AB"}
     if keys != expected:
         missing, extra = sorted(expected - keys), sorted(keys - expected)
@@ -109,14 +116,19 @@ def load_lora_adapter(unet: torch.nn.Module, path: str | os.PathLike, *, slot: i
     if "lora_adapter_metadata" in meta:
         cfg = json.loads(meta["lora_adapter_metadata"])
         alpha = cfg.get("unet.lora_alpha", cfg.get("lora_alpha"))
+    # every layer is checked before any slot changes, so a bad file leaves the model as it was
     for name, layer in layers.items():
         a, b = tensors[f"unet.{name}.lora_A.weight"], tensors[f"unet.{name}.lora_B.weight"]
         r = a.shape[0]
-        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r) or r > layer.rank:
+        if a.dim() != 2 or b.dim() != 2 or not 1 <= r <= layer.rank or a.shape[1] != layer.in_features \
+                or tuple(b.shape) != (layer.out_features, r):
             raise ValueError(
                 f"adapter {file} does not match the model: layer {name} expects A [<= {layer.rank}, {layer.in_features}], "
                 f"B [{layer.out_features}, r], file has A {list(a.shape)}, B {list(b.shape)}"
             )
+    for name, layer in layers.items():
+        a, b = tensors[f"unet.{name}.lora_A.weight"], tensors[f"unet.{name}.lora_B.weight"]
+        r = a.shape[0]
         with torch.no_grad():
             layer.reset_adapter(slot, rank=r, alpha=float(alpha) if alpha is not None else float(r))
             layer.lora_a[slot, :r] = a.to(layer.lora_a.dtype)

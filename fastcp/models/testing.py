@@ -56,6 +56,28 @@ def _write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return folder / "vocab.json", folder / "merges.txt"
 
 
+def _tiny_clip_tokenizer():
+    """A real CLIPTokenizer over the hand-written vocabulary (its files only live while it loads)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = _write_clip_tokenizer_files(Path(tmp))
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+
+
+def _tiny_vae(sample_size: int):
+    """A 4-channel AutoencoderKL with one downsampling: images of 2·sample_size pixels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=2 * sample_size,
+    )
+
+
 def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16):
     """Build and save a tiny random-weight SD 1.x-style pipeline; returns ``Path(path)``.
 
@@ -63,8 +85,8 @@ def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int =
     channels; VAE with one downsampling (images are 2·sample_size pixels); CLIP text encoder of
     width 32; DDPM-compatible scheduler with ``prediction_type`` (``epsilon`` or ``v_prediction``).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -74,14 +96,8 @@ def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int =
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=2 * sample_size,
-    )
-    tok_dir = path.parent / (path.name + "_tokenizer_src")
-    vocab_file, merges_file = _write_clip_tokenizer_files(tok_dir)
-    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    vae = _tiny_vae(sample_size)
+    tokenizer = _tiny_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=16, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
@@ -94,17 +110,14 @@ def make_tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int =
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(path)
-    import shutil
-
-    shutil.rmtree(tok_dir, ignore_errors=True)
     return path
 
 
 def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16):
     """Build and save a tiny random-weight SDXL pipeline (two CLIP text encoders, the second with
     a projection; UNet with ``text_time`` added conditions); returns ``Path(path)``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -115,15 +128,8 @@ def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16):
         norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=16, sample_size=2 * sample_size,
-    )
-    tok_dir = path.parent / (path.name + "_tokenizer_src")
-    vocab_file, merges_file = _write_clip_tokenizer_files(tok_dir)
-    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
-    tokenizer_2 = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    vae = _tiny_vae(sample_size)
+    tokenizer, tokenizer_2 = _tiny_clip_tokenizer(), _tiny_clip_tokenizer()
 
     def text_config(width):
         return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
@@ -138,7 +144,4 @@ def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16):
     pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
     pipe.save_pretrained(path)
-    import shutil
-
-    shutil.rmtree(tok_dir, ignore_errors=True)
     return path

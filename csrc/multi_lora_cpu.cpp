@@ -105,9 +105,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_routed_backward(
   const int64_t K = A.size(0);
   auto g = group_rows(row_ids, K);
   auto sc = scale_vector(scale);
-  at::Tensor dx = need_dx ? at::mm(dy, weight) : at::Tensor();
-  at::Tensor dA = need_da ? at::zeros_like(A) : at::Tensor();  // adapters without rows keep zero grads
-  at::Tensor dB = need_db ? at::zeros_like(B) : at::Tensor();
+  // A gradient not asked for is an empty [0] tensor (not undefined), so fake kernels can mirror it.
+  auto none = at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? at::mm(dy, weight) : none;
+  at::Tensor dA = need_da ? at::zeros_like(A) : none;  // adapters without rows keep zero grads
+  at::Tensor dB = need_db ? at::zeros_like(B) : none;
   // Each group writes only its own rows of dx and its own slices dA[k], dB[k]: no reductions
   // across threads, so the result does not depend on the thread count.
   for_each_group(g, [&](int64_t k) {
@@ -152,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward(
   auto B_all = B.permute({1, 0, 2}).reshape({B.size(1), K * r});
   auto G = expanded_gates(gates, scale, r);   // [M, K r]
   auto u = at::mm(dy, B_all);                 // dy B    [M, K r]
-  at::Tensor dx, dA, dB, dg;
+  auto none = at::empty({0}, x.options());  // gradients not asked for (see the routed backward)
+  at::Tensor dx = none, dA = none, dB = none, dg = none;
   at::Tensor s;
   if (need_db || need_dg) s = at::mm(x, A_all.t());  // x Aᵀ  [M, K r]
   auto ug = u * G;

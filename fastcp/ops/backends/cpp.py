@@ -6,12 +6,47 @@ import torch
 from fastcp.ops.backends.base import Backend, LoraProblem, common_refusals
 
 
+def register_fake_kernels() -> None:
+    """Shape-only ("fake") implementations of the fastcp ops, so torch.compile can trace them.
+
+    A gradient that was not asked for comes back as an empty [0] tensor, as the kernels return it.
+    """
+    lib = "fastcp::"
+    if getattr(register_fake_kernels, "done", False):
+        return
+
+    @torch.library.register_fake(lib + "lora_routed_forward")
+    def _routed_fwd(x, weight, bias, A, B, scale, row_ids):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake(lib + "lora_dense_forward")
+    def _dense_fwd(x, weight, bias, A, B, scale, gates):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    def grads(x, A, B, need_dx, need_da, need_db):
+        none = x.new_empty(0)
+        return (x.new_empty(x.shape) if need_dx else none, A.new_empty(A.shape) if need_da else none,
+                B.new_empty(B.shape) if need_db else none)
+
+    @torch.library.register_fake(lib + "lora_routed_backward")
+    def _routed_bwd(x, weight, A, B, scale, row_ids, dy, need_dx, need_da, need_db):
+        return grads(x, A, B, need_dx, need_da, need_db)
+
+    @torch.library.register_fake(lib + "lora_dense_backward")
+    def _dense_bwd(x, weight, A, B, scale, gates, dy, need_dx, need_da, need_db, need_dg):
+        dg = gates.new_empty(gates.shape) if need_dg else x.new_empty(0)
+        return (*grads(x, A, B, need_dx, need_da, need_db), dg)
+
+    register_fake_kernels.done = True
+
+
 class CppBackend(Backend):
     name = "cpp"
 
     def __init__(self):
         import fastcp._C  # noqa: F401  (loads the op registrations)
 
+        register_fake_kernels()
         self.ops = torch.ops.fastcp
 
     def refuse(self, p: LoraProblem) -> list[str]:

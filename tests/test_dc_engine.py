@@ -111,3 +111,18 @@ def test_bad_shapes_name_the_argument(tiny):
         clf.errors(x, cond, ts, noise, adapter_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="stages"):
         clf.classify(x, cond, stages=[])
+
+
+def test_errors_under_bf16_autocast_track_fp32(tiny):
+    bb = load_backbone("tiny")
+    with_adapters(bb.unet, 2)
+    x, cond, ts, noise = inputs(bb)
+    ids = torch.tensor([0, 1, -1, 0])
+    clf = DiffusionClassifier(bb.unet, bb.scheduler)
+    with torch.no_grad():
+        ref = clf.errors(x, cond, ts, noise, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = clf.errors(x, cond, ts, noise, ids, batch_size=5)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    rel = ((low - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, rel  # bf16 has 8 mantissa bits; the ranking of concepts is what matters

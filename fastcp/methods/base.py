@@ -95,7 +95,9 @@ class Method:
         self.ctx = ctx
 
     def begin_task(self, n: int) -> list[dict]:
-        raise NotImplementedError
+        """Default: train task n's token and the LoRA slot ``adapter_slot(n)``."""
+        self.release_hooks()
+        return [self.token_param_group(n), self.lora_param_group(self.adapter_slot(n))]
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         return {"loss": self.diffusion_loss(batch)}

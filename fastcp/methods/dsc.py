@@ -112,10 +112,6 @@ class DSC(DCTermsMixin, EWCMixin, Method):
         super().setup(ctx)
         self.ewc_setup()
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(0)]
-
     def dsc_pass(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         old, new = self.dc_candidates(batch.task)
         x, ts, noise = self.dc_draw(batch.latents)

@@ -155,10 +155,6 @@ class EWCDC(DCTermsMixin, EWCMixin, Method):
         super().setup(ctx)
         self.ewc_setup()
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(0)]
-
     def dc_ce(self, batch: TaskBatch) -> torch.Tensor:
         """CE(DC logits over {c_0, sampled earlier, c_n}, c_n) on ``--dc_images`` of the batch."""
         from fastcp.dc import DiffusionClassifier

@@ -46,10 +46,6 @@ class MagMax(Method):
         self.w0 = {n: l.base.weight.detach().float().clone() for n, l in ctx.layers.items()}
         self.tau: dict[str, torch.Tensor] = {}
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(0)]
-
     @torch.no_grad()
     def end_task(self, n: int) -> None:
         self.release_hooks()

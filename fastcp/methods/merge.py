@@ -12,10 +12,6 @@ from fastcp.methods.base import Method, register
 class Merge(Method):
     name = "merge"
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(0)]
-
     def end_task(self, n: int) -> None:
         self.release_hooks()
         for layer in self.ctx.layers.values():

@@ -10,6 +10,3 @@ from fastcp.methods.base import Method, register
 class Naive(Method):
     name = "naive"
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(0)]

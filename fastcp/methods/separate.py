@@ -49,10 +49,6 @@ class Separate(Method):
     def slots_needed(self, num_concepts: int) -> int:
         return num_concepts
 
-    def begin_task(self, n: int) -> list[dict]:
-        self.release_hooks()
-        return [self.token_param_group(n), self.lora_param_group(n)]
-
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         ids = torch.full((batch.latents.shape[0],), batch.task, dtype=torch.long, device=batch.latents.device)
         with lora_routing(list(self.ctx.layers.values()), adapter_ids=ids):

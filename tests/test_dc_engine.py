@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastcp.dc import DiffusionClassifier, errors_loop
+from fastcp.dc.engine import ACTIVATION_FACTOR_NO_GRAD
 from fastcp.models import load_backbone
 from fastcp.models.testing import make_tiny_sd_pipeline
 from fastcp.nn import inject_multi_lora, lora_layers
@@ -93,6 +94,9 @@ def test_classify_with_stages_matches_exhaustive_and_is_deterministic(tiny):
     # pruning to the true winner's survivors still finds it
     pruned = clf.classify(x, cond, stages=[(3, 2), (3, 1)], generator=torch.Generator().manual_seed(0))
     assert pruned.errors[:, :, 3:].isnan().sum() > 0 and pruned.alive.sum(1).eq(1).all()
+    # the surviving entries are the exhaustive ones (same timesteps, same noise per image)
+    kept = ~pruned.errors.isnan()
+    torch.testing.assert_close(pruned.errors[kept], full.errors[kept])
     again = clf.classify(x, cond, stages=[(3, 2), (3, 1)], generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.pred, pruned.pred) and torch.equal(again.errors.nan_to_num(), pruned.errors.nan_to_num())
     assert len(set(full.timesteps.tolist())) == 6  # distinct timesteps spread over the schedule
@@ -109,8 +113,67 @@ def test_bad_shapes_name_the_argument(tiny):
         clf.errors(x, cond, ts.float(), noise)
     with pytest.raises(ValueError, match="adapter_ids"):
         clf.errors(x, cond, ts, noise, adapter_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="timesteps"):
+        clf.errors(x, cond, torch.tensor([5, 1000, 2]), noise)
+    with pytest.raises(ValueError, match="cond"):
+        clf.errors(x, cond.encoder_hidden_states[0], ts, noise)
+    with pytest.raises(ValueError, match="batch_size"):
+        clf.errors(x, cond, ts, noise, batch_size=0)
+    with pytest.raises(ValueError, match="max_batch_bytes"):
+        clf.errors(x, cond, ts, noise, max_batch_bytes=-1)
     with pytest.raises(ValueError, match="stages"):
         clf.classify(x, cond, stages=[])
+    with pytest.raises(ValueError, match="stages"):
+        clf.classify(x, cond, stages=[(2, 0)])
+    with pytest.raises(ValueError, match="latents"):
+        clf.classify(x[0], cond)
+
+
+def test_byte_budget_chunks_bare_tensor_cond_and_processors_restored(tiny):
+    x, cond, ts, noise = inputs(tiny)
+    clf = DiffusionClassifier(tiny.unet, tiny.scheduler)
+    calls = []
+    hook = tiny.unet.conv_out.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    before = {n: type(p) for n, p in tiny.unet.attn_processors.items()}
+    try:
+        with torch.no_grad():
+            full = clf.errors(x, cond, ts, noise)
+            assert calls == [24]
+            calls.clear()
+            per_row = x[0].numel() * x.element_size()
+            budget = clf.errors(x, cond.encoder_hidden_states, ts, noise, max_batch_bytes=ACTIVATION_FACTOR_NO_GRAD * per_row * 10)
+    finally:
+        hook.remove()
+    assert calls == [10, 10, 4]
+    torch.testing.assert_close(budget, full, rtol=1e-5, atol=1e-6)
+    assert {n: type(p) for n, p in tiny.unet.attn_processors.items()} == before
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    hook = tiny.unet.conv_out.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):  # an error inside the call still restores them
+            clf.errors(x, cond, ts, noise)
+    finally:
+        hook.remove()
+    assert {n: type(p) for n, p in tiny.unet.attn_processors.items()} == before
+
+
+def test_lora_in_the_shared_prefix_stays_exact():
+    # time_emb_proj of the full-resolution resnets and the time embedding sit before the first
+    # cross-attention: with per-concept adapters there the prefix is concept-dependent.
+    bb = load_backbone("tiny")
+    inject_multi_lora(bb.unet, num_adapters=2, rank=2, targets=("time_emb_proj", "linear_1", "to_k"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(bb.unet).values():
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.1)
+    x, cond, ts, noise = inputs(bb, N=1, T=2)
+    ids = torch.tensor([0, 1, -1, 1])
+    with torch.no_grad():
+        ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
+        got = DiffusionClassifier(bb.unet, bb.scheduler).errors(x, cond, ts, noise, ids, batch_size=3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_errors_under_bf16_autocast_track_fp32(tiny):

@@ -40,20 +40,34 @@ def _as_conditioning(cond) -> Conditioning:
     raise ValueError("cond: expected a Conditioning or a tensor [K, L, D]")
 
 
-def _check(latents, cond: Conditioning, timesteps, noise, adapter_ids):
+def _check(latents, cond: Conditioning, timesteps, noise, adapter_ids, scheduler=None):
     """Validate shapes; returns (N, K, T, noise as [N, T, C, H, W])."""
-    if not torch.is_tensor(latents) or latents.dim() != 4:
-        raise ValueError(f"latents: expected [N, C, H, W], got {list(getattr(latents, 'shape', []))}")
+    if not torch.is_tensor(latents) or latents.dim() != 4 or latents.shape[0] == 0:
+        raise ValueError(f"latents: expected [N >= 1, C, H, W], got {list(getattr(latents, 'shape', []))}")
     N, K = latents.shape[0], len(cond)
-    if not torch.is_tensor(timesteps) or timesteps.dim() != 1 or timesteps.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"timesteps: expected a 1-D integer tensor [T], got {getattr(timesteps, 'dtype', type(timesteps))}")
+    if K == 0:
+        raise ValueError("cond: expected at least one concept row")
+    if cond.encoder_hidden_states.dim() != 3:
+        raise ValueError(f"cond: expected encoder_hidden_states [K, L, D], got {list(cond.encoder_hidden_states.shape)}")
+    if not torch.is_tensor(timesteps) or timesteps.dim() != 1 or timesteps.dtype not in (torch.int32, torch.int64) \
+            or timesteps.numel() == 0:
+        raise ValueError(f"timesteps: expected a non-empty 1-D integer tensor [T], got "
+                         f"{getattr(timesteps, 'dtype', type(timesteps))} {list(getattr(timesteps, 'shape', []))}")
+    if scheduler is not None:
+        n_train = len(scheduler.alphas_cumprod)
+        if int(timesteps.min()) < 0 or int(timesteps.max()) >= n_train:
+            raise ValueError(f"timesteps: expected values in [0, {n_train}), got [{int(timesteps.min())}, "
+                             f"{int(timesteps.max())}]")
     T = timesteps.shape[0]
+    if not torch.is_tensor(noise):
+        raise ValueError(f"noise: expected a tensor, got {type(noise).__name__}")
     if noise.shape == (T, *latents.shape[1:]):
         noise = noise.unsqueeze(0).expand(N, *noise.shape)
     elif noise.shape != (N, T, *latents.shape[1:]):
-        raise ValueError(f"noise: expected [T, C, H, W] or [N, T, C, H, W] with T={T}, got {list(noise.shape)}")
-    if adapter_ids is not None and (adapter_ids.dim() != 1 or adapter_ids.shape[0] != K):
-        raise ValueError(f"adapter_ids: expected [K={K}], got {list(adapter_ids.shape)}")
+        raise ValueError(f"noise: expected [T, C, H, W] or [N, T, C, H, W] with N={N}, T={T}, got {list(noise.shape)}")
+    if adapter_ids is not None and (not torch.is_tensor(adapter_ids) or adapter_ids.dim() != 1
+                                    or adapter_ids.shape[0] != K or adapter_ids.is_floating_point()):
+        raise ValueError(f"adapter_ids: expected an integer tensor [K={K}], got {list(getattr(adapter_ids, 'shape', []))}")
     return N, K, T, noise
 
 
@@ -67,6 +81,13 @@ def _noisy_and_target(scheduler, latents, noise, timesteps):
     noisy = sa * x + sb * noise
     v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     return noisy, (sa * noise - sb * x if v_pred else noise)
+
+
+# Activation bytes per UNet row as a multiple of its input bytes, for ``max_batch_bytes``
+# (see ``DiffusionClassifier._chunk_rows``): without grad only a few feature maps and the skip
+# connections are alive at once; with grad every saved activation is.
+ACTIVATION_FACTOR_NO_GRAD = 300
+ACTIVATION_FACTOR_GRAD = 1000
 
 
 @dataclass
@@ -97,11 +118,20 @@ class DiffusionClassifier:
         self.share_prefix = share_prefix and shared_prefix.supports(unet)
 
     def _chunk_rows(self, rows: int, per_row_bytes: int, batch_size, max_batch_bytes) -> int:
+        """UNet rows per call: ``batch_size``, else as many as ``max_batch_bytes`` allows, else all."""
         if batch_size is not None:
-            return max(1, int(batch_size))
+            if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+                raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+            return int(batch_size)
         if max_batch_bytes is not None:
-            # Activations of a UNet row are a few hundred times its input; the budget is a guide.
-            return max(1, int(max_batch_bytes // max(1, 300 * per_row_bytes)))
+            if max_batch_bytes <= 0:
+                raise ValueError(f"max_batch_bytes: expected a positive number, got {max_batch_bytes!r}")
+            # A rough guide, not a guarantee: activation bytes per row as a multiple of the row's
+            # input bytes. With grad, the tensors autograd keeps for one row of the tiny backbone
+            # measured 657x its input; SD-1.5 at 32x32 latents measured ~29,000x (CPU SDPA keeps
+            # the attention maps). Use batch_size for exact control on large models.
+            factor = ACTIVATION_FACTOR_GRAD if torch.is_grad_enabled() else ACTIVATION_FACTOR_NO_GRAD
+            return max(1, int(max_batch_bytes // (factor * per_row_bytes)))
         return rows
 
     def errors(self, latents: torch.Tensor, cond, timesteps: torch.Tensor, noise: torch.Tensor,
@@ -114,17 +144,21 @@ class DiffusionClassifier:
         adapter_ids [K] long or None; batch_size caps UNet rows per call.
         """
         cond = _as_conditioning(cond)
-        N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids)
+        N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids, self.scheduler)
         dev = latents.device
         noisy, target = _noisy_and_target(self.scheduler, latents, noise, timesteps)
         rows = N * K * T
-        # Row r = ((n * K) + k) * T + t : consecutive rows share an image, so chunks stay local.
-        n_idx = torch.arange(N, device=dev).repeat_interleave(K * T)
-        k_idx = torch.arange(K, device=dev).repeat_interleave(T).repeat(N)
-        t_idx = torch.arange(T, device=dev).repeat(N * K)
+        # Row r = ((n * T) + t) * K + k: the K rows of one (image, timestep) are adjacent, so any
+        # chunk of >= K rows still shares its prompt-independent prefix across all concepts.
+        n_idx = torch.arange(N, device=dev).repeat_interleave(T * K)
+        t_idx = torch.arange(T, device=dev).repeat_interleave(K).repeat(N)
+        k_idx = torch.arange(K, device=dev).repeat(N * T)
         chunk = self._chunk_rows(rows, latents[0].numel() * latents.element_size(), batch_size, max_batch_bytes)
-        has_lora = bool(lora_layers(self.unet))
-        ids_dev = adapter_ids.to(dev) if adapter_ids is not None else None
+        layers = lora_layers(self.unet)
+        # LoRA inside the shared prefix (e.g. on time_emb_proj) makes it concept-dependent.
+        share = (self.share_prefix and cond.added_cond_kwargs is None
+                 and not shared_prefix.lora_in_prefix(self.unet, layers))
+        ids_dev = adapter_ids.to(dev).long() if adapter_ids is not None else None
         processor = CachedCrossAttnProcessor() if self.kv_cache else None
         cache_ctx = cached_cross_attention(self.unet, processor) if processor is not None else contextlib.nullcontext()
         ts = timesteps.to(dev)
@@ -134,7 +168,7 @@ class DiffusionClassifier:
                 processor.concept_adapter_ids = ids_dev
             for s in range(0, rows, chunk):
                 n, k, t = n_idx[s: s + chunk], k_idx[s: s + chunk], t_idx[s: s + chunk]
-                route = (lora_routing(self.unet, adapter_ids=ids_dev[k]) if has_lora and ids_dev is not None
+                route = (lora_routing(self.unet, adapter_ids=ids_dev[k]) if layers and ids_dev is not None
                          else contextlib.nullcontext())
                 if processor is not None:
                     processor.row_concept = k
@@ -144,14 +178,14 @@ class DiffusionClassifier:
                 else:
                     kwargs = cond.select(k).unet_kwargs()
                 with route:
-                    if self.share_prefix and cond.added_cond_kwargs is None:
+                    if share:
                         uniq, inverse = torch.unique(n * T + t, return_inverse=True)
                         pred = shared_prefix.forward_shared_prefix(
                             self.unet, noisy[uniq // T, uniq % T], ts[uniq % T], inverse, kwargs["encoder_hidden_states"])
                     else:
                         pred = self.unet(noisy[n, t], ts[t], **kwargs).sample
                 out.append(((pred.float() - target[n, t].float()) ** 2).mean(dim=(1, 2, 3)))
-        return torch.cat(out).view(N, K, T)
+        return torch.cat(out).view(N, T, K).transpose(1, 2)
 
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """[N, K] = −mean_t err / τ."""
@@ -168,32 +202,47 @@ class DiffusionClassifier:
         (None = keep all). The winner is the lowest mean error after the last stage.
         """
         cond = _as_conditioning(cond)
-        if not stages or any(int(n) < 1 for n, _ in stages):
-            raise ValueError("stages: expected a non-empty list of (n_timesteps >= 1, keep)")
+        if not torch.is_tensor(latents) or latents.dim() != 4 or latents.shape[0] == 0:
+            raise ValueError(f"latents: expected [N >= 1, C, H, W], got {list(getattr(latents, 'shape', []))}")
+        try:
+            stages = [(int(n_t), None if keep is None else int(keep)) for n_t, keep in stages]
+        except (TypeError, ValueError):
+            raise ValueError(f"stages: expected a list of (n_timesteps, keep) pairs, got {stages!r}") from None
+        if not stages or any(n_t < 1 or (keep is not None and keep < 1) for n_t, keep in stages):
+            raise ValueError(f"stages: expected a non-empty list of (n_timesteps >= 1, keep >= 1 or None), got {stages}")
         N, K = latents.shape[0], len(cond)
-        total = sum(int(n) for n, _ in stages)
+        if adapter_ids is not None and (not torch.is_tensor(adapter_ids) or adapter_ids.shape != (K,)):
+            raise ValueError(f"adapter_ids: expected [K={K}], got {list(getattr(adapter_ids, 'shape', []))}")
+        total = sum(n_t for n_t, _ in stages)
         n_train = self.scheduler.config.num_train_timesteps
+        if total > n_train:
+            raise ValueError(f"stages: {total} timesteps in all, the schedule has {n_train}")
         # Evenly spaced grid over the schedule, visited in a bit-reversal-like order so each
         # stage's new timesteps fill gaps between the earlier ones.
         grid = torch.linspace(0, n_train - 1, total + 2)[1:-1].round().long()
         order = sorted(range(total), key=lambda i: _van_der_corput(i))
         all_t = grid[order]
+        # Drawn on the CPU so the result depends on the seed only, not on the device.
         noise = torch.randn((N, total, *latents.shape[1:]), generator=generator, device="cpu").to(latents)
         errors = torch.full((N, K, total), float("nan"), device=latents.device)
         alive = torch.ones(N, K, dtype=torch.bool, device=latents.device)
         done = 0
         for n_t, keep in stages:
-            sl = slice(done, done + int(n_t))
-            for i in range(N):  # concepts alive differ per image after pruning
-                ks = alive[i].nonzero().squeeze(1)
-                ids = adapter_ids[ks.cpu()] if adapter_ids is not None else None
-                err = self.errors(latents[i: i + 1], cond.select(ks), all_t[sl].to(latents.device),
-                                  noise[i: i + 1, sl], adapter_ids=ids, batch_size=batch_size)
-                errors[i, ks, sl] = err[0].to(errors.dtype)
-            done += int(n_t)
+            sl = slice(done, done + n_t)
+            # Images whose surviving concept sets are equal go through the engine together
+            # (before any pruning that is all of them: one call for the whole stage).
+            patterns, group = torch.unique(alive, dim=0, return_inverse=True)
+            for g in range(patterns.shape[0]):
+                imgs = (group == g).nonzero().squeeze(1)
+                ks = patterns[g].nonzero().squeeze(1)
+                ids = adapter_ids[ks.to(adapter_ids.device)] if adapter_ids is not None else None
+                err = self.errors(latents[imgs], cond.select(ks), all_t[sl].to(latents.device), noise[imgs, sl],
+                                  adapter_ids=ids, batch_size=batch_size)
+                errors[imgs[:, None], ks[None, :], sl] = err.to(errors.dtype)
+            done += n_t
             if keep is not None:
                 mean = errors[:, :, :done].nanmean(dim=2).masked_fill(~alive, float("inf"))
-                kth = mean.topk(min(int(keep), K), dim=1, largest=False).indices
+                kth = mean.topk(min(keep, K), dim=1, largest=False).indices
                 alive = torch.zeros_like(alive).scatter_(1, kth, True) & alive
         mean = errors[:, :, :done].nanmean(dim=2).masked_fill(~alive, float("inf"))
         return ClassifyResult(pred=mean.argmin(dim=1), errors=errors, timesteps=all_t, alive=alive)
@@ -213,7 +262,7 @@ def errors_loop(unet, scheduler, latents, cond, timesteps, noise, adapter_ids=No
     """The plain loop: one UNet call per (image, concept, timestep). [N, K, T]. The spec of
     ``DiffusionClassifier.errors`` and its baseline in the benchmarks."""
     cond = _as_conditioning(cond)
-    N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids)
+    N, K, T, noise = _check(latents, cond, timesteps, noise, adapter_ids, scheduler)
     has_lora = bool(lora_layers(unet))
     rows = []
     for n in range(N):

@@ -17,9 +17,29 @@ import torch
 
 
 def supports(unet) -> bool:
+    """Whether the UNet's configuration is the plain text-conditioned one this module reproduces."""
     cfg = unet.config
     return (getattr(cfg, "class_embed_type", None) is None and getattr(cfg, "addition_embed_type", None) is None
             and getattr(cfg, "encoder_hid_dim_type", None) is None and unet.__class__.__name__ == "UNet2DConditionModel")
+
+
+def prefix_modules(unet) -> list[str]:
+    """Qualified names of the submodules run once per (image, timestep): the time embedding,
+    ``conv_in`` and the down blocks before the first one with cross-attention (all of them if none
+    has it)."""
+    names = ["time_proj", "time_embedding", "conv_in"]
+    for i, block in enumerate(unet.down_blocks):
+        if getattr(block, "has_cross_attention", False):
+            break
+        names.append(f"down_blocks.{i}")
+    return names
+
+
+def lora_in_prefix(unet, layer_names) -> list[str]:
+    """The LoRA layers (by qualified name) that sit in the shared prefix. Their output depends on
+    the concept's adapter, so the prefix is no longer prompt-independent and must not be shared."""
+    prefixes = prefix_modules(unet)
+    return [n for n in layer_names if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
 
 def forward_shared_prefix(unet, sample: torch.Tensor, timesteps: torch.Tensor, expand: torch.Tensor,

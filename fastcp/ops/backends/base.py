@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastcp.ops.reference import lora_gates
+
 
 @dataclass
 class LoraProblem:
@@ -35,14 +37,7 @@ class LoraProblem:
     def gates(self) -> Tensor:
         """Dense per-row gates g [M, K] for any mode (one-hot rows for routed, zero for id -1)."""
         M, _, _, K, _ = self.shape
-        if self.mode == "dense":
-            return self.row_gates
-        if self.mode == "all":
-            return torch.ones(M, K, dtype=self.x.dtype, device=self.x.device)
-        g = torch.zeros(M, K, dtype=self.x.dtype, device=self.x.device)
-        active = self.row_ids >= 0
-        g[active.nonzero().squeeze(1), self.row_ids[active].long()] = 1
-        return g
+        return lora_gates(M, K, self.row_gates, self.row_ids, dtype=self.x.dtype, device=self.x.device)
 
 
 class Backend:

@@ -9,8 +9,8 @@ from fastcp.models.testing import make_tiny_sd_pipeline
 from fastcp.nn import inject_multi_lora, lora_layers
 
 
-def with_adapters(unet, K, seed=0):
-    inject_multi_lora(unet, num_adapters=K, rank=4)
+def with_adapters(unet, K, seed=0, rank=4, **inject_kwargs):
+    inject_multi_lora(unet, num_adapters=K, rank=rank, **inject_kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(unet).values():
@@ -163,11 +163,7 @@ def test_lora_in_the_shared_prefix_stays_exact():
     # time_emb_proj of the full-resolution resnets and the time embedding sit before the first
     # cross-attention: with per-concept adapters there the prefix is concept-dependent.
     bb = load_backbone("tiny")
-    inject_multi_lora(bb.unet, num_adapters=2, rank=2, targets=("time_emb_proj", "linear_1", "to_k"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(bb.unet).values():
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.1)
+    with_adapters(bb.unet, 2, rank=2, targets=("time_emb_proj", "linear_1", "to_k"))
     x, cond, ts, noise = inputs(bb, N=1, T=2)
     ids = torch.tensor([0, 1, -1, 1])
     with torch.no_grad():

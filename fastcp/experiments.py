@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcp.eval.metrics import learned
+
 ALL_METHODS = ["naive", "merge", "ortho", "magmax", "clora", "ewc_dc", "dsc", "dsc_ewc", "fl2t", "joint", "separate"]
 METRIC_ORDER = ["fidelity", "dc_acc", "holdout_loss"]
 
@@ -60,6 +62,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             metrics[name] = {
                 "average": _mean_std([r["results"]["metrics"][name]["average"] for r in rs]),
                 "forgetting": _mean_std([r["results"]["metrics"][name]["forgetting"] for r in rs]),
+                "learned": _mean_std([learned(r["results"]["metrics"][name]["matrix"]) for r in rs]),
             }
         secs = [s for r in rs for s in r["task_seconds"]]
         out[m] = {"runs": len(rs), "seeds": [r["results"]["seed"] for r in rs], "metrics": metrics,
@@ -71,23 +74,24 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
 
 
 def markdown_table(methods: dict) -> str:
-    """Rows = methods; columns = average/forgetting per metric (mean ± std) and train s/task."""
+    """Rows = methods; columns = average/forgetting per metric (mean ± std), the fidelity just after
+    each concept's own task ("learned": a method that stops learning forgets nothing), train s/task."""
     metrics = [m for m in METRIC_ORDER if any(m in v["metrics"] for v in methods.values())]
     head = ["method"]
     for m in metrics:
         arrow = "↓" if m == "holdout_loss" else "↑"
-        head += [f"{m} avg {arrow}", f"{m} forget ↓"]
+        head += [f"{m} avg {arrow}"] + (["fidelity learned ↑"] if m == "fidelity" else []) + [f"{m} forget ↓"]
     head += ["train s/task", "× naive"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in methods.items():
         row = [f"`{name}`"]
         for m in metrics:
             s = v["metrics"].get(m)
+            keys = ["average", "learned", "forgetting"] if m == "fidelity" else ["average", "forgetting"]
             if s is None:
-                row += ["–", "–"]
+                row += ["–"] * len(keys)
                 continue
-            row += [f"{s['average']['mean']:.3f} ± {s['average']['std']:.3f}",
-                    f"{s['forgetting']['mean']:.3f} ± {s['forgetting']['std']:.3f}"]
+            row += [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in keys]
         sp = v["seconds_per_task"]
         row += [f"{sp['mean']:.1f}", f"{v['time_vs_naive']:.2f}" if v["time_vs_naive"] else "–"]
         lines.append("| " + " | ".join(row) + " |")

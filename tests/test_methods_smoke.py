@@ -65,7 +65,7 @@ def test_compare_writes_json_and_markdown(tmp_path):
     for m in summary["methods"].values():
         assert m["runs"] == 2 and m["seeds"] == [0, 1]
         for metric in ("fidelity", "dc_acc", "holdout_loss"):
-            for key in ("average", "forgetting"):
+            for key in ("average", "forgetting", "learned"):
                 assert set(m["metrics"][metric][key]) == {"mean", "std"}
         assert m["seconds_per_task"]["mean"] > 0
     assert summary["methods"]["naive"]["time_vs_naive"] == pytest.approx(1.0)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from fastcp.eval.metrics import summarize
+from fastcp.eval.metrics import learned, summarize
 
 
 def test_average_and_forgetting_higher_is_better():
@@ -34,3 +34,12 @@ def test_no_forgetting_and_single_task():
 def test_bad_matrix():
     with pytest.raises(ValueError, match="matrix"):
         summarize([[1.0, 2.0]])
+
+
+def test_learned_is_the_diagonal_mean():
+    # A method that never learns concept 2 forgets nothing, and "learned" shows it.
+    m = [[1.0, 0.0, 0.0], [1.0, 0.5, 0.0], [1.0, 0.5, 0.0]]
+    assert summarize(m)["forgetting"] == 0.0
+    assert learned(m) == 0.5
+    with pytest.raises(ValueError, match="square"):
+        learned([[1.0, 2.0]])

@@ -6,6 +6,10 @@ its task). Summaries:
     average    = mean_j M[T-1][j]                                   (the last row)
     forgetting = mean_{j<T-1} ( max_{n>=j} M[n][j] − M[T-1][j] )    (higher-is-better metrics)
     forgetting = mean_{j<T-1} ( M[T-1][j] − min_{n>=j} M[n][j] )    (losses: sign flipped)
+    learned    = mean_j M[j][j]                                     (the diagonal: each concept right
+                                                                     after its own task, i.e. plasticity)
+
+``learned`` is reported next to forgetting because a method that stops learning forgets nothing.
 
 Every metric is computed on fixed inputs (held-out images, noises, timesteps, sampling seeds), so
 a change in M is a change of the model, not of the draw.
@@ -21,11 +25,16 @@ import torch
 METRICS = {"fidelity": True, "dc_acc": True, "holdout_loss": False, "text_align": True}
 
 
-def summarize(matrix, higher_is_better: bool = True) -> dict[str, float]:
-    """{"average", "forgetting"} of a T×T matrix (list of lists or array)."""
+def _square(matrix) -> np.ndarray:
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"matrix: expected a non-empty square T×T matrix, got shape {m.shape}")
+    return m
+
+
+def summarize(matrix, higher_is_better: bool = True) -> dict[str, float]:
+    """{"average", "forgetting"} of a T×T matrix (list of lists or array)."""
+    m = _square(matrix)
     T = m.shape[0]
     average = float(np.mean(m[-1]))
     if T == 1:
@@ -35,6 +44,12 @@ def summarize(matrix, higher_is_better: bool = True) -> dict[str, float]:
         col = m[j:, j]
         drops.append(col.max() - m[-1, j] if higher_is_better else m[-1, j] - col.min())
     return {"average": average, "forgetting": float(np.mean(drops))}
+
+
+def learned(matrix) -> float:
+    """Mean of the diagonal of a T×T matrix: each concept measured right after its own task."""
+    m = _square(matrix)
+    return float(np.mean(np.diag(m)))
 
 
 class ContinualEvaluator:

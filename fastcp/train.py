@@ -118,6 +118,10 @@ def add_method_hyperparameters(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clora_lambda", type=_NONNEG, default=1e3,
                    help="clora: lambda of ||abs(dW_<n) * dW_n||_F^2 (default 1e3: makes the penalty comparable to "
                         "L_diff (~0.1) once earlier deltas reach their typical size on the tiny model)")
+    g.add_argument("--clora_targets", choices=["cross_kv", "lora"], default="cross_kv",
+                   help="clora: train and penalise only the cross-attention K/V adapters (default, C-LoRA's "
+                        "choice) or every layer --lora_targets selects (on the tiny model, whose cross-attention "
+                        "runs only at 8x8, K/V alone cannot learn a concept in a few hundred steps)")
     g.add_argument("--dc_temperature", type=_POS, default=0.1,
                    help="ewc_dc/dsc: DC temperature tau of softmax(-mean_t err / tau) (default 0.1: error gaps "
                         "between concepts are ~3e-3..6e-2 on the tiny model; tau=1 gives flat scores, tau=0.01 "

@@ -91,6 +91,20 @@ def test_clora_method_penalty_is_the_sum_over_kv_layers_after_a_merge():
     m.args.clora_lambda = 0.0
 
 
+
+def test_clora_targets_lora_trains_and_penalises_every_injected_layer():
+    m = make_method("clora", "--clora_targets", "lora")
+    assert set(m.kv_layers) == set(m.ctx.layers)
+    assert any(n.endswith(FEEDFORWARD_TARGETS) for n in m.kv_layers)
+    assert any(n.endswith("attn2.to_q") for n in m.kv_layers)
+    params = {id(p) for g in m.begin_task(0) for p in g["params"]}
+    assert all(id(l.lora_a) in params and id(l.lora_b) in params for l in m.ctx.layers.values())
+    randomize_current_adapter(m)
+    m.end_task(0)
+    randomize_current_adapter(m, scale=0.03)
+    expect = sum(((m.previous[n].abs() * l.delta_weight(0)) ** 2).sum() for n, l in m.ctx.layers.items())
+    assert m.penalty().item() == pytest.approx(expect.item(), rel=1e-5)
+
 # ----------------------------------------------------------------------------- ortho
 def test_orthogonal_init_is_orthogonal_and_keeps_the_scale():
     g = torch.Generator().manual_seed(0)

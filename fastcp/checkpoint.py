@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "clora_targets", "token_init",
-                    "learning_rate", "token_learning_rate", "max_train_steps", "train_batch_size", "seed", "pretrained_model_name_or_path")
+                    "learning_rate", "token_learning_rate", "max_train_steps", "train_batch_size", "seed",
+                    "pretrained_model_name_or_path")
 _NAME = re.compile(r"checkpoint-(\d+)-(\d+)-(train|done)\.pt$")
 
 

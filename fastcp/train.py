@@ -163,6 +163,12 @@ def add_method_hyperparameters(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fl2t_tau", type=_POS, default=0.1, help="fl2t: InfoNCE temperature tau_c (default 0.1, CLIP-like)")
     g.add_argument("--fl2t_nce_weight", type=_NONNEG, default=0.1,
                    help="fl2t: weight of the InfoNCE term (default 0.1: O(1) loss kept below L_diff's influence)")
+    g.add_argument("--fl2t_keep_weight", type=_NONNEG, default=10.0,
+                   help="fl2t: weight of the routing-keep term, the mean squared change of earlier sets' "
+                        "per-layer coef (text only, no earlier images). Default 10: without it (0) the shared "
+                        "set module learns to switch earlier adapters into old prompts while fitting a new set "
+                        "(fidelity of earlier concepts fell from 1.0 to 0-0.25 in one of 3 seeds); 10 makes a "
+                        "gate drift of 0.15 cost about L_diff")
     g.add_argument("--fl2t_gate_scale", type=float, default=1.0, help="fl2t: initial a_l of g = sigmoid(a_l s + c_l)")
     g.add_argument("--fl2t_gate_bias", type=float, default=-2.0,
                    help="fl2t: initial c_l (default -2: other concepts' adapters start mostly off, g ~ 0.12)")

@@ -315,6 +315,27 @@ def test_fl2t_is_order_invariant():
     assert _max_diff(s1, _fl2t_state([0, 1], seed=1), concepts) > 2e-3
 
 
+def test_fl2t_routing_keep_holds_earlier_sets_coef_at_the_set_start():
+    m = make_method("fl2t", "--fl2t_set_size", "1")
+    train_steps(m, 0, 2)
+    assert m.keep_ref is None  # first set: nothing earlier to keep
+    m.begin_task(1)
+    L = len(m.ctx.layers)
+    assert m.keep_ref.shape == (L, 1, 2)
+    assert torch.all(m.keep_ref[:, 0, 0] == 1) and torch.all(m.keep_ref[:, 0, 1] == 0)  # own slot; new slot off
+    seen = m.ctx.concepts[:2]
+    latents = [m.ctx.backbone.encode_images(c.train_images) for c in seen]
+    terms = m.loss(m.sample_batch(1, latents, 2))
+    # Module unchanged since the set started: only the new slot's gate on the old prompt differs.
+    bb = m.ctx.backbone
+    prompt = [m.ctx.concepts[0].prompt]
+    with torch.no_grad():
+        e = m.prompt_embeddings(prompt, bb.encode_prompt(prompt))
+        g_new = m.module.gates(m.module.scores(e, m.proxies[:2]))[:, 0, 1]  # [L]
+    assert terms["keep"].item() == pytest.approx((g_new**2).sum().item() / (L * 2), rel=1e-5)
+    m.release_hooks()
+
+
 def test_fl2t_set_module_is_permutation_equivariant():
     from fastcp.methods.fl2t import SetModule
 

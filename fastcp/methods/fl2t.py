@@ -13,10 +13,17 @@ encoder **without positional encoding** over the proxies of the concepts learned
 
     L = L_diff (all concepts of the set in one batch, rows routed to their own slot)
         + w_nce · InfoNCE,   InfoNCE = CE( s[b, ·] / τ_c , id_b )   over the proxies seen so far
+        + w_keep · mean_{l, j < set start, k} ( coef_l[j, k] − coef_l^start[j, k] )²
 
 The prompt's own adapter is always on (its token names it, so this is no oracle); the proxies
 decide how much every other concept's adapter helps this prompt, per layer (inter-concept
 guidance). Generation of concept j uses the same coef_l[j, ·], fixed over the batch.
+
+The last term (routing keep, ``--fl2t_keep_weight``) is fastcp's addition for the incremental
+case: the set module is shared, so fitting a new set would otherwise re-route the prompts of
+earlier sets (switching the new adapters into them, or raising every c_l). It holds earlier
+concepts' coef at their values when the set started (new slots at 0); it needs only their prompts,
+no images. With one set (``--fl2t_set_size 0``, the paper's setting) it is absent.
 
 Concepts arrive in sets of ``--fl2t_set_size`` consecutive tasks (default 1). Within a set the
 concepts are learned concurrently: at each task of the set, the set's slots, proxies, tokens and
@@ -114,6 +121,7 @@ class FL2T(Method):
                                     a.fl2t_gate_scale, a.fl2t_gate_bias).to(dev)
         self.proxies = nn.Parameter(self.token_init.clone().float())
         self.module_at_set_start = None
+        self.keep_ref = None  # coef [L, J, K] of earlier sets' prompts at the start of the current set
         self.done = -1  # last finished task
 
     # ------------------------------------------------------------------ sets
@@ -145,6 +153,8 @@ class FL2T(Method):
         self.active = list(range(start, n + 1))
         for k in self.active:
             self._reset_concept(k)
+        if n == start:
+            self.keep_ref = self._earlier_coefs(start, upto=start - 1).detach() if start > 0 else None
         self.task = n
         # Per-concept generators (seeded by name and task): sampling independent of positions.
         self.gens = {k: torch.Generator().manual_seed(_name_seed(self.args.seed, self.ctx.concepts[k].name, n + 1))
@@ -215,6 +225,13 @@ class FL2T(Method):
         coef = onehot + (1 - onehot) * g
         return list(coef.unbind(0)), s
 
+    def _earlier_coefs(self, start: int, upto: int) -> torch.Tensor:
+        """coef [L, start, K] of the prompts of concepts 0..start-1 (earlier sets) over slots <= upto."""
+        prompts = [c.prompt for c in self.ctx.concepts[:start]]
+        e = self.prompt_embeddings(prompts, self.ctx.backbone.encode_prompt(prompts))
+        coefs, _ = self.coefs(e, torch.arange(start, device=e.device), upto)
+        return torch.stack(coefs)
+
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         bb = self.ctx.backbone
         B = batch.latents.shape[0]
@@ -236,7 +253,12 @@ class FL2T(Method):
         with per_layer_coef(self.ctx.layers, [c.to(x_t.dtype) for c in coefs]):
             pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
         l_diff = F.mse_loss(pred.float(), target.float())
-        return {"loss": l_diff + self.args.fl2t_nce_weight * nce, "diff": l_diff, "nce": nce}
+        loss = l_diff + self.args.fl2t_nce_weight * nce
+        out = {"diff": l_diff, "nce": nce}
+        if self.keep_ref is not None:
+            out["keep"] = F.mse_loss(self._earlier_coefs(self.keep_ref.shape[1], batch.task), self.keep_ref)
+            loss = loss + self.args.fl2t_keep_weight * out["keep"]
+        return {"loss": loss, **out}
 
     def end_task(self, n: int) -> None:
         self.release_hooks()

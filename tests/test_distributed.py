@@ -1,9 +1,13 @@
-"""Two processes (torchrun, gloo on CPU) give the adapters of one process with the same global batch."""
+"""Two processes (torchrun or accelerate launch, gloo on CPU) give the adapters of one process with the same
+global batch."""
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,16 +21,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([sys.executable, "-P", "-m", "fastcp.train", "--output_dir", str(one), *ARGS,
-                             "--train_batch_size", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    env_cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "fastcp.train", "--output_dir", str(two), *ARGS,
-               "--train_batch_size", "2"]
-    dist = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**__import__("os").environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"})
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory) -> Path:
+    """One process with the global batch of 4."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run = subprocess.run([sys.executable, "-P", "-m", "fastcp.train", "--output_dir", str(out), *ARGS,
+                          "--train_batch_size", "4"], capture_output=True, text=True, timeout=600, cwd=out.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def launcher(name: str) -> list[str]:
+    port = str(free_port())
+    if name == "torchrun":
+        return [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", port]
+    # accelerate: on a machine without GPUs, --cpu would run ONE process (accelerate's simple launcher);
+    # --multi_gpu makes it start the processes through torch.distributed.run, and fastcp picks gloo.
+    return [sys.executable, "-P", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+
+
+@pytest.mark.parametrize("name", ["torchrun", "accelerate"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single_process_run, name):
+    one, two = single_process_run, tmp_path / "two"
+    cmd = [*launcher(name), "-m", "fastcp.train", "--output_dir", str(two), *ARGS, "--train_batch_size", "2"]
+    dist = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"})
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert dist.stdout.count("finished in") == 1  # only rank 0 reports and writes
     a, b = sorted(one.glob("task_*/*.safetensors")), sorted(two.glob("task_*/*.safetensors"))

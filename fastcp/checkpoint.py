@@ -1,44 +1,93 @@
-"""Checkpoints of a continual run: everything needed to continue it bit for bit.
+"""Checkpoints of a continual run: everything needed to continue it bit for bit, and nothing that
+can run code when it is loaded.
 
-A checkpoint is one file ``<output_dir>/checkpoints/checkpoint-<task>-<step>.pt`` written
-atomically (temporary file + ``os.replace``). It holds:
+A checkpoint is a folder ``<output_dir>/checkpoints/checkpoint-<task>-<step>-<phase>/``, filled
+under a temporary name and renamed (atomic). It holds:
 
-- where the run is: ``task`` (0-based) and ``step`` (optimizer steps done in that task), and
-  ``phase`` = "train" (inside the task) or "done" (task trained, saved, merged and evaluated);
-- the model state that training changes: every MultiLoRALinear's adapters, scaling, ranks and
-  base weight/bias (merging methods edit the base weights), and the concept-token embedding rows;
-- the optimizer state (phase "train"), the method's own state (``Method.state_dict``), the data
-  generator and torch RNG states, the evaluation matrices and the per-task log so far;
-- a fingerprint of the arguments that decide the result, checked on resume.
+- accelerate's ``save_state`` files: optimizer, LR scheduler, fp16 grad scaler and per-process
+  RNG states (``torch.save`` files that ``load_state`` reads with ``weights_only=True``);
+- ``model.safetensors``: what training changes in the model: every MultiLoRALinear's adapters,
+  scaling, ranks and base weight/bias (merging methods edit the base weights), and the
+  concept-token embedding rows of every text encoder;
+- ``method.safetensors`` + ``method.json``: the method's own state (``Method.state_dict``: Fisher,
+  merged τ, subspaces, FL2T's set module...), tensors and JSON values apart;
+- ``rng.safetensors``: the run's data generator and torch's CPU/CUDA RNG states;
+- ``run.json``: where the run is — ``task`` (0-based), ``step`` (optimizer steps done in that
+  task) and ``phase`` ("train": inside the task; "done": trained, saved, merged and evaluated) —
+  the evaluation matrices, the per-task log, and the run's fingerprint, checked on resume.
 
-Only the newest ``keep`` checkpoints are kept.
+Before anything is loaded, every pickle-based file of the folder is opened with
+``torch.load(weights_only=True)``; a file that needs more (a planted payload) is refused with a
+one-line error and nothing in it runs. Only the newest ``keep`` checkpoints are kept.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 
-FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "clora_targets", "token_init",
-                    "learning_rate", "token_learning_rate", "max_train_steps", "train_batch_size", "seed",
-                    "pretrained_model_name_or_path")
-_NAME = re.compile(r"checkpoint-(\d+)-(\d+)-(train|done)\.pt$")
+from fastcp.files import atomic_save_safetensors, atomic_write_json
+
+#: training arguments that decide the result (plus the method's own hyperparameters, see ``fingerprint``)
+FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "token_init", "learning_rate",
+                    "token_learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                    "num_processes", "seed", "pretrained_model_name_or_path", "resolution", "center_crop", "random_flip",
+                    "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
+                    "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma", "noise_offset",
+                    "with_prior_preservation", "prior_loss_weight", "num_class_images", "mixed_precision")
+_NAME = re.compile(r"^checkpoint-(\d+)-(\d+)-(train|done)$")
+_PICKLED = (".bin", ".pkl", ".pt", ".pth")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, unreadable, or from a different run)."""
+    """A checkpoint that cannot be used (missing, unreadable, unsafe, or from a different run)."""
 
 
-def fingerprint(args, concepts) -> dict:
+def fingerprint(args, concepts, method) -> dict:
+    """The arguments that decide a run's result: training flags, the method's hyperparameters and
+    the concept sequence. Resuming with any of them changed is refused."""
     fp = {k: getattr(args, k, None) for k in FINGERPRINT_ARGS}
     fp["pretrained_model_name_or_path"] = str(fp["pretrained_model_name_or_path"])
+    fp.update({f"hp.{k}": v for k, v in dataclasses.asdict(method.hp).items()})
     fp["concepts"] = [c.name for c in concepts]
-    return fp
+    return json.loads(json.dumps(fp, default=str))
 
 
+# --------------------------------------------------------------------------- tensor trees
+def split_tree(tree, prefix: str = ""):
+    """(tensors {path: tensor}, skeleton): a nested dict/list of tensors and JSON values split into
+    what safetensors holds and what JSON holds; tensors are replaced by {"__tensor__": path}."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            return {str(k): walk(v, f"{path}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        return obj
+
+    return tensors, walk(tree, prefix)
+
+
+def join_tree(skeleton, tensors: dict[str, torch.Tensor]):
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        return {k: join_tree(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tree(v, tensors) for v in skeleton]
+    return skeleton
+
+
+# --------------------------------------------------------------------------- model state
 def model_state(backbone, layers) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in layers.items():
@@ -55,59 +104,117 @@ def model_state(backbone, layers) -> dict[str, torch.Tensor]:
 def load_model_state(backbone, layers, state: dict[str, torch.Tensor]) -> None:
     for name, layer in layers.items():
         own = layer.state_dict()
-        layer.load_state_dict({k: state[f"{name}.{k}"] for k in own})
+        layer.load_state_dict({k: state[f"{name}.{k}"].to(own[k].device) for k in own})
     for e, (_, encoder) in enumerate(backbone.text_pairs()):
         table = encoder.get_input_embeddings().weight
         for tok in backbone.concept_tokens:
-            table[backbone.concept_token_ids(tok)[e]] = state[f"token{e}::{tok}"]
+            table[backbone.concept_token_ids(tok)[e]] = state[f"token{e}::{tok}"].to(table)
 
 
-def save(out_dir: str | Path, state: dict, keep: int = 2) -> Path:
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def load_rng_state(generator: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------------- save / find / load
+def checkpoint_name(task: int, step: int, phase: str) -> str:
+    return f"checkpoint-{task:03d}-{step:07d}-{phase}"
+
+
+def save(accelerator, out_dir: str | Path, run: dict, model: dict, method: dict, rng: dict, keep: int = 2) -> Path:
+    """Write one checkpoint folder (every process calls this: accelerate saves each process's RNG
+    state; the main process writes the rest and renames the folder into place)."""
     folder = Path(out_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"checkpoint-{state['task']:03d}-{state['step']:07d}-{state['phase']}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    for old in sorted(_checkpoints(folder))[:-keep]:
-        old[-1].unlink(missing_ok=True)
-    return path
+    final = folder / checkpoint_name(run["task"], run["step"], run["phase"])
+    tmp = folder / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        atomic_save_safetensors(model, tmp / "model.safetensors")
+        tensors, skeleton = split_tree(method)
+        atomic_save_safetensors(tensors, tmp / "method.safetensors")
+        atomic_write_json(tmp / "method.json", skeleton)
+        atomic_save_safetensors(rng, tmp / "rng.safetensors")
+        atomic_write_json(tmp / "run.json", run)
+        if final.exists():  # the same position saved again (a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the folder appears whole or not at all
+        for old in sorted(_checkpoints(folder))[:-keep]:
+            shutil.rmtree(old[-1], ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def _checkpoints(folder: Path):
     out = []
-    for p in folder.glob("checkpoint-*.pt"):
-        m = _NAME.search(p.name)
-        if m:
-            out.append((int(m.group(1)), int(m.group(2)), m.group(3) == "done", p))
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), int(m.group(2)), m.group(3) == "done", p))
     return out
 
 
 def find(out_dir: str | Path, spec: str) -> Path:
-    """``latest`` (the newest checkpoint of ``out_dir``) or an explicit file path."""
+    """``latest`` (the newest checkpoint of ``out_dir``) or an explicit checkpoint folder."""
     if spec == "latest":
         found = sorted(_checkpoints(Path(out_dir) / "checkpoints"))
         if not found:
             raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint in {Path(out_dir) / 'checkpoints'}")
         return found[-1][-1]
     path = Path(spec)
-    if not path.is_file():
-        raise CheckpointError(f"--resume_from_checkpoint: {path} does not exist")
+    if not (path / "run.json").is_file():
+        raise CheckpointError(f"--resume_from_checkpoint: {path} is not a fastcp checkpoint folder")
     return path
 
 
+def refuse_unsafe_files(path: Path) -> None:
+    """Open every pickle-based file of a checkpoint with ``torch.load(weights_only=True)`` (numpy
+    RNG states allowed, as accelerate does); raise CheckpointError at the first one that needs
+    arbitrary objects. Nothing in a refused file runs."""
+    from accelerate.utils import load as safe_load
+
+    for f in sorted(path.iterdir()):
+        if f.suffix in _PICKLED:
+            try:
+                safe_load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(f"checkpoint {path}: {f.name} holds pickled objects that could run code "
+                                      f"({type(exc).__name__}); refusing to load it") from None
+
+
 def load(path: Path, expected_fingerprint: dict) -> dict:
+    """run.json, model, method state and RNG states of a checkpoint, after the safety and
+    fingerprint checks (accelerate's own files are loaded by ``accelerator.load_state``)."""
+    from safetensors.torch import load_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+        run = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from exc
-    differs = [k for k, v in expected_fingerprint.items() if state.get("fingerprint", {}).get(k) != v]
+    saved = run.get("fingerprint", {})
+    differs = [k for k, v in expected_fingerprint.items() if saved.get(k) != v]
     if differs:
         raise CheckpointError(f"checkpoint {path} belongs to a different run (differs in {', '.join(differs)})")
-    return state
+    refuse_unsafe_files(path)
+    try:
+        model = load_file(str(path / "model.safetensors"))
+        method = join_tree(json.loads((path / "method.json").read_text()), load_file(str(path / "method.safetensors")))
+        rng = load_file(str(path / "rng.safetensors"))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    return {"run": run, "model": model, "method": method, "rng": rng}

@@ -1,28 +1,43 @@
-"""The continual-personalization loop: tasks in order, one method, evaluation after every task.
+"""The continual-personalization trainer: tasks in order, one method, evaluation after every task.
 
-    for n, concept in enumerate(sequence):
-        params = method.begin_task(n)                 # what to train for concept n
-        for step in range(max_train_steps):           # plain loop over the concept's images
-            loss = method.loss(batch)["loss"]; step the optimizer
-        save task n's adapter + token embedding       # diffusers-loadable files
-        method.end_task(n)                            # merge / store / importance
-        evaluator.evaluate_row(n)                     # every concept, every metric
+    trainer = ContinualTrainer(args, backbone, concepts, judge)
+    trainer.setup()                       # accelerate, LoRA injection, tokens, method, resume
+    for n in range(len(concepts)):
+        trainer.train_task(n)             # the method's loss, optimizer steps on the global batch
+        trainer.save_task(n)              # diffusers-loadable adapter + token embeddings
+        trainer.evaluate_task(n)          # every concept, every metric, split over processes
+    trainer.finish()                      # results.json, heatmaps, sample grid
 
-``run_continual`` is what ``python -m fastcp.train`` calls; it can be used from Python directly.
+(``ContinualTrainer.run`` does exactly this; ``run_continual`` is the one-call form that
+``python -m fastcp.train`` uses.)
+
+accelerate's ``Accelerator`` owns the device (the GPU when there is one), mixed precision (bf16,
+or fp16 with loss scaling), gradient accumulation, processes (``accelerate launch`` /
+``torchrun``, one or many nodes: DDP) and the training state (``save_state``/``load_state``).
+fastcp adds the global-batch rule that makes N processes train exactly like one process with
+the N-times batch, for every method: each step's random draws are made once for the whole
+global batch (``Method.draw_step``, same generator state in every process) and each process
+(and accumulation micro-batch) takes its own contiguous slice; every loss term is this slice's
+part of the global mean (``TaskBatch.share_of_mean``), so DDP's gradient mean is the gradient of
+the one big batch.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fastcp import checkpoint
 from fastcp.eval import report
 from fastcp.eval.metrics import METRICS, ContinualEvaluator
+from fastcp.files import atomic_write_json, json_safe
 from fastcp.methods import Context, get_method
+from fastcp.methods.base import lora_weight_decay
 from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
 
 
@@ -38,67 +53,47 @@ class RunResult:
     task_seconds: list[float] = field(default_factory=list)
 
 
-def _autocast(args, device):
-    mp = getattr(args, "mixed_precision", "no")
-    if mp == "no":
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+def resolve_defaults(args, backbone_name: str | None = None):
+    """Fill the arguments whose default depends on others, the same way for the CLI and the Python
+    API (idempotent): ``--lora_alpha`` = rank, ``--lora_targets auto`` (attention + feed-forward on
+    tiny, attention elsewhere), ``--token_init auto`` (the method's choice)."""
+    if getattr(args, "lora_alpha", None) is None:
+        args.lora_alpha = float(args.rank)
+    name = str(backbone_name or getattr(args, "pretrained_model_name_or_path", "tiny"))
+    if getattr(args, "lora_targets", "auto") == "auto":
+        args.lora_targets = "attn_ff" if name == "tiny" else "attn"
+    if getattr(args, "token_init", "auto") == "auto":
+        args.token_init = get_method(args.method).token_init
+    return args
 
 
-class DataParallel:
-    """Plain data parallelism over torch.distributed, set up from the environment that
-    ``torchrun`` / ``accelerate launch`` provide (WORLD_SIZE, RANK, MASTER_ADDR...).
+def make_accelerator(args):
+    """The run's Accelerator: ``--mixed_precision`` (None = accelerate's config), accumulation,
+    trackers under ``<output_dir>/logs``, DDP without buffer broadcasts (the LoRA layers' buffers
+    change only between tasks, identically everywhere)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    Every process holds the whole (small) trainable state, trains on its slice of the global
-    batch and averages gradients with one all-reduce per parameter; only rank 0 evaluates and
-    writes files. With WORLD_SIZE unset this is a no-op single process.
-    """
-
-    def __init__(self):
-        import os
-
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.owns_group = True
-        self.rank = dist.get_rank() if self.world > 1 else 0
-        self.main = self.rank == 0
-
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        if self.world == 1:
-            return bool(torch.isfinite(loss))
-        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-        self.dist.all_reduce(flag)
-        return flag.item() == 0
-
-    def average_gradients(self, params) -> None:
-        if self.world == 1:
-            return
-        for p in params:
-            if p.grad is not None:
-                self.dist.all_reduce(p.grad)
-                p.grad.div_(self.world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            self.dist.destroy_process_group()
+    report_to = getattr(args, "report_to", "none")
+    out = Path(args.output_dir)
+    return Accelerator(
+        mixed_precision=getattr(args, "mixed_precision", None),
+        gradient_accumulation_steps=int(getattr(args, "gradient_accumulation_steps", 1)),
+        log_with=None if report_to in (None, "none") else report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
 
 
 def make_optimizer(groups, args):
-    """AdamW, or bitsandbytes' 8-bit AdamW with --use_8bit_adam."""
+    """AdamW (or bitsandbytes' 8-bit AdamW with --use_8bit_adam) with diffusers' Adam flags; the
+    weight decay of each group is the method's (0 for tokens, ``--adam_weight_decay`` for LoRA)."""
+    kwargs = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def configure_backbone(bb, args) -> None:
@@ -112,181 +107,334 @@ def configure_backbone(bb, args) -> None:
         bb.unet.enable_xformers_memory_efficient_attention()
 
 
-def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
-    """Train ``concepts`` in order with ``args.method`` and evaluate after every task.
+class _TrainStep(nn.Module):
+    """What DDP wraps for one task: the UNet, the text encoders and the method's own trainable
+    modules; forward = the method's loss. A fresh one per task, because DDP registers the
+    parameters that require grad when it is built and each task trains different ones."""
+
+    def __init__(self, backbone, method):
+        super().__init__()
+        self.unet = backbone.unet
+        self.text_encoders = nn.ModuleList([enc for _, enc in backbone.text_pairs()])
+        self.extra = nn.ModuleDict(method.trainable_modules())
+        self.method = method
+
+    def forward(self, batch):
+        return self.method.loss(batch)
+
+
+class ContinualTrainer:
+    """Trains ``concepts`` in order with ``args.method`` and evaluates after every task.
 
     Writes into ``args.output_dir``: ``task_NN_<name>/pytorch_lora_weights.safetensors`` and
-    ``learned_embeds.safetensors`` per task, ``train_log.json`` (per-task seconds and losses,
-    updated after every task), and at the end ``results.json``, ``<metric>_heatmap.png`` and
-    ``samples.png``.
+    ``learned_embeds.safetensors`` per task, ``train_log.json`` (per task: seconds, losses,
+    device, peak memory; updated after every task), checkpoints with ``--checkpointing_steps``,
+    and at the end ``results.json``, ``<metric>_heatmap.png`` and ``samples.png``.
     """
-    from fastcp.models.lora_io import save_concept_embeddings, save_lora_adapter
 
-    out = Path(args.output_dir)
-    dp = DataParallel()
-    if not dp.main:
-        log = lambda *a, **k: None  # noqa: E731  (one voice: rank 0)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    method = get_method(args.method)(args)
-    bb = backbone
-    targets = tuple(method.lora_targets)
-    if getattr(args, "lora_targets", "attn") == "attn_ff":
-        targets += FEEDFORWARD_TARGETS
-    layers = inject_multi_lora(bb.unet, num_adapters=method.slots_needed(len(concepts)), rank=args.rank, alpha=args.lora_alpha,
-                               targets=targets)
-    for c in concepts:
-        init = c.class_word if getattr(args, "token_init", "class") == "class" else None
-        bb.add_concept_token(c.token, init_word=init, generator=gen)
-    bb.text_encoder.requires_grad_(False)
-    configure_backbone(bb, args)
-    writer = None
-    if dp.main and getattr(args, "report_to", "none") == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, args, backbone, concepts, judge=None, log=print):
+        self.args = resolve_defaults(args, backbone.name)
+        self.bb, self.concepts, self.judge, self._log = backbone, concepts, judge, log
+        self.out = Path(args.output_dir)
+        self.names = [c.name for c in concepts]
+        self.log_rows: list[dict] = []
+        self.task_seconds: list[float] = []
+        self.start_task = 0
+        self.resume: dict | None = None
 
-        writer = SummaryWriter(log_dir=str(out / "logs"))
-    ctx = Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen)
-    method.setup(ctx)
-    evaluator = ContinualEvaluator(
-        bb, concepts, method, judge, num_images=args.num_eval_images, num_inference_steps=args.eval_inference_steps,
-        guidance_scale=args.guidance_scale, dc_timesteps=args.dc_timesteps, dc_images=args.dc_eval_images,
-        seed=args.seed,
-    )
-    names = [c.name for c in concepts]
-    log_rows: list[dict] = []
-    t_start = time.time()
-    task_seconds = []
-    fp = checkpoint.fingerprint(args, concepts)
-    every = getattr(args, "checkpointing_steps", None)
-    keep = getattr(args, "checkpoints_total_limit", 2)
-    start_task, resume = 0, None
-    if getattr(args, "resume_from_checkpoint", None):
-        path = checkpoint.find(out, args.resume_from_checkpoint)
-        resume = checkpoint.load(path, fp)
-        checkpoint.load_model_state(bb, layers, resume["model"])
-        method.load_state_dict(resume["method"])
-        for m, rows in resume["matrix"].items():
-            evaluator.matrix[m] = rows
-        log_rows, task_seconds = resume["log_rows"], resume["task_seconds"]
-        t_start -= resume["elapsed"]
-        gen.set_state(resume["gen"])
-        torch.set_rng_state(resume["torch_rng"])
-        start_task = resume["task"] + (1 if resume["phase"] == "done" else 0)
-        log(f"resuming from {path}: task {start_task + 1}, step {resume['step'] if resume['phase'] == 'train' else 0}")
-        if resume["phase"] == "done":
-            resume = None
+    # ------------------------------------------------------------------ setup
+    def log(self, *a, **k):
+        if self.accelerator.is_main_process:
+            self._log(*a, **k)
 
-    def snapshot(n, step, phase, opt=None, losses=None):
-        return {"fingerprint": fp, "task": n, "step": step, "phase": phase, "model": checkpoint.model_state(bb, layers),
-                "optimizer": opt.state_dict() if opt is not None else None, "method": method.state_dict(),
-                "matrix": evaluator.matrix, "log_rows": log_rows, "task_seconds": task_seconds,
-                "losses": losses or [], "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "elapsed": time.time() - t_start}
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
 
-    for n, concept in enumerate(concepts):
-        if n < start_task:
-            continue
-        t0 = time.time()
+        a, bb = self.args, self.bb
+        self.accelerator = acc = make_accelerator(a)
+        a.num_processes = acc.num_processes
+        a.mixed_precision = acc.mixed_precision
+        self.t_start = time.time()
+        set_seed(a.seed)
+        self.gen = torch.Generator().manual_seed(a.seed)
+        self.method = get_method(a.method)(a)
+        lora_weight_decay(a, self.method.slots_needed(len(self.concepts)))  # refuse before any work
+        bb.to(acc.device)
+        if getattr(a, "resolution", None) is None:
+            a.resolution = bb.sample_size
+        if getattr(a, "with_prior_preservation", False):
+            self._prepare_class_images()
+        targets = tuple(self.method.lora_targets)
+        if a.lora_targets == "attn_ff":
+            targets += FEEDFORWARD_TARGETS
+        self.layers = inject_multi_lora(bb.unet, num_adapters=self.method.slots_needed(len(self.concepts)),
+                                        rank=a.rank, alpha=a.lora_alpha, targets=targets)
+        for layer in self.layers.values():  # each task switches on what it trains (Method.begin_task)
+            layer.lora_a.requires_grad_(False)
+            layer.lora_b.requires_grad_(False)
+        for c in self.concepts:
+            init = c.class_word if a.token_init == "class" else None
+            bb.add_concept_token(c.token, init_word=init, generator=self.gen)
+        for _, encoder in bb.text_pairs():
+            encoder.requires_grad_(False)
+        configure_backbone(bb, a)
+        self.method.setup(Context(backbone=bb, layers=self.layers, concepts=self.concepts, args=a, generator=self.gen))
+        self.evaluator = ContinualEvaluator(
+            bb, self.concepts, self.method, self.judge, num_images=a.num_eval_images,
+            num_inference_steps=a.eval_inference_steps, guidance_scale=a.guidance_scale, dc_timesteps=a.dc_timesteps,
+            dc_images=a.dc_eval_images, seed=a.seed,
+        )
+        self.fingerprint = checkpoint.fingerprint(a, self.concepts, self.method)
+        if acc.log_with:
+            acc.init_trackers("fastcp", config={k: v for k, v in json_safe(vars(a)).items()
+                                                if isinstance(v, (int, float, str, bool))})
+
+        # accelerate's save_state/load_state would write and read the whole wrapped model (the
+        # entire UNet); fastcp saves only what training changes (checkpoint.model_state).
+        def skip_models_on_save(models, weights, output_dir):
+            weights.clear()
+
+        def skip_models_on_load(models, input_dir):
+            models.clear()
+
+        acc.register_save_state_pre_hook(skip_models_on_save)
+        acc.register_load_state_pre_hook(skip_models_on_load)
+        if getattr(a, "resume_from_checkpoint", None):
+            self._load_checkpoint()
+
+    def _prepare_class_images(self) -> None:
+        """Prior preservation: every concept's class images, generated by the base model (main
+        process, before any LoRA exists) where the folder holds too few; loaded everywhere."""
+        from fastcp.data.prior import class_image_dir, ensure_class_images, load_class_images
+
+        a, acc = self.args, self.accelerator
+        folders = [class_image_dir(c, getattr(a, "class_data_dir", None), self.out, len(self.concepts) == 1)
+                   for c in self.concepts]
+        if getattr(a, "class_prompt", None):
+            for c in self.concepts:
+                c.class_prompt_override = c.class_prompt_override or a.class_prompt
+        if acc.is_main_process:
+            for k, (c, folder) in enumerate(zip(self.concepts, folders)):
+                ensure_class_images(self.bb, c.class_prompt, folder, a.num_class_images,
+                                    num_inference_steps=a.eval_inference_steps, guidance_scale=a.guidance_scale,
+                                    seed=a.seed * 1009 + k, log=self.log)
+        acc.wait_for_everyone()
+        self.class_pixels = [load_class_images(f, a.resolution, a.num_class_images) for f in folders]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _snapshot(self, n: int, step: int, phase: str, losses=None) -> None:
+        run = {"fingerprint": self.fingerprint, "task": n, "step": step, "phase": phase,
+               "matrix": self.evaluator.matrix, "log_rows": self.log_rows, "task_seconds": self.task_seconds,
+               "losses": losses or [], "elapsed": time.time() - self.t_start}
+        checkpoint.save(self.accelerator, self.out, json_safe(run), checkpoint.model_state(self.bb, self.layers),
+                        self.method.state_dict(), checkpoint.rng_state(self.gen),
+                        keep=getattr(self.args, "checkpoints_total_limit", 2))
+
+    def _load_checkpoint(self) -> None:
+        path = checkpoint.find(self.out, self.args.resume_from_checkpoint)
+        state = checkpoint.load(path, self.fingerprint)
+        run = state["run"]
+        for m, rows in run["matrix"].items():
+            self.evaluator.matrix[m] = [[math.nan if v is None else v for v in row] for row in rows]
+        self.log_rows, self.task_seconds = run["log_rows"], run["task_seconds"]
+        self.t_start -= run["elapsed"]
+        # The method's state first: begin_task may depend on it (fl2t's set-start module).
+        self.method.load_state_dict(state["method"])
+        if run["phase"] == "done":
+            checkpoint.load_model_state(self.bb, self.layers, state["model"])
+            checkpoint.load_rng_state(self.gen, state["rng"])
+            self.start_task = run["task"] + 1
+        else:
+            self.start_task = run["task"]
+            self.resume = {**state, "path": path}
+        step = run["step"] if run["phase"] == "train" else 0
+        self.log(f"resuming from {path}: task {self.start_task + 1}, step {step}")
+
+    # ------------------------------------------------------------------ one task
+    def _task_images(self, n: int):
+        """(images, class images) per concept the method may see at task n (None elsewhere)."""
+        from fastcp.data.images import TrainImages
+
+        a = self.args
+        seen = range(n + 1) if self.method.sees_all_concepts else [n]
+        images, classes = [None] * (n + 1), None
+        for k in seen:
+            c = self.concepts[k]
+            images[k] = TrainImages(self.bb, c.train_images, full=c.train_full, center_crop=a.center_crop,
+                                    random_flip=a.random_flip)
+        if getattr(a, "with_prior_preservation", False):
+            classes = [None] * (n + 1)
+            for k in seen:
+                classes[k] = TrainImages(self.bb, self.class_pixels[k], random_flip=a.random_flip)
+        return images, classes
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite (one collective, so all processes stop together)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bad.item() == 0
+
+    def train_task(self, n: int) -> list[float]:
+        """Optimizer steps of task n; returns the per-step losses (global batch means)."""
+        from diffusers.optimization import get_scheduler
+
+        a, acc, bb, method = self.args, self.accelerator, self.bb, self.method
+        concept = self.concepts[n]
+        self._t_task = time.time()
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
         bb.unet.train()
         groups = method.begin_task(n)
-        opt = make_optimizer(groups, args)
+        P, accum = acc.num_processes, int(a.gradient_accumulation_steps)
+        opt = make_optimizer(groups, a)
+        # accelerate steps a prepared scheduler once per process per optimizer step, so the
+        # schedule is stretched by P, as in diffusers' scripts: the LR at step k is the same for any P.
+        sched = get_scheduler(a.lr_scheduler, optimizer=opt, num_warmup_steps=a.lr_warmup_steps * P,
+                              num_training_steps=a.max_train_steps * P, num_cycles=a.lr_num_cycles, power=a.lr_power)
+        model, opt, sched = acc.prepare(_TrainStep(bb, method), opt, sched)
         first_step, losses = 0, []
-        if resume is not None:  # inside task n: optimizer, losses and position from the checkpoint
-            opt.load_state_dict(resume["optimizer"])
-            first_step, losses = resume["step"], list(resume["losses"])
-            resume = None
-        with torch.no_grad():
-            # Earlier concepts' images exist only for references that may see them (joint).
-            seen = concepts[: n + 1] if method.sees_all_concepts else [None] * n + [concept]
-            latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
-        bar = tqdm(range(first_step, args.max_train_steps), desc=f"task {n + 1}/{len(concepts)} {concept.name}",
-                   leave=False, disable=None if dp.main else True)
+        if self.resume is not None:  # inside task n: model, optimizer, scheduler and position from the checkpoint
+            r, self.resume = self.resume, None
+            checkpoint.load_model_state(bb, self.layers, r["model"])
+            method.load_state_dict(r["method"])  # again: begin_task re-initialised what the task trains
+            acc.load_state(str(r["path"]))
+            checkpoint.load_rng_state(self.gen, r["rng"])
+            first_step, losses = r["run"]["step"], list(r["run"]["losses"])
+        images, classes = self._task_images(n)
+        params = [p for g in groups for p in g["params"]]
+        every = getattr(a, "checkpointing_steps", None)
+        bar = tqdm(range(first_step, a.max_train_steps), desc=f"task {n + 1}/{len(self.concepts)} {concept.name}",
+                   leave=False, disable=None if acc.is_main_process else True)
+        self._steps_timed = (time.time(), first_step)
         for step in bar:
-            # --train_batch_size is per process and micro-batch: the global batch (world × accum ×
-            # that) and its noise are drawn alike everywhere (same generator state); each process
-            # and micro-batch takes its own rows, so the result is that of one big batch.
-            accum = getattr(args, "gradient_accumulation_steps", 1)
-            glob = method.sample_batch(n, latents, args.train_batch_size * dp.world * accum)
-            glob = glob.with_noise(bb.scheduler, gen)
-            opt.zero_grad(set_to_none=True)
+            # --train_batch_size is per process and micro-batch: the global batch (P × accum × that)
+            # and every draw of the step are made alike everywhere; each process and micro-batch
+            # takes its own rows, so the result is that of one big batch.
+            glob = method.draw_step(n, images, a.train_batch_size * P * accum, classes)
+            step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
-                batch = glob.shard(dp.rank * accum + micro, dp.world * accum)
-                with _autocast(args, bb.device):
-                    terms = method.loss(batch)
-                loss = terms["loss"]
-                if not dp.all_finite(loss.detach()):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
-                        f"the {n} finished task(s) are saved in {out}"
-                    )
-                (loss / accum).backward()
-            params = [p for g in groups for p in g["params"]]
-            dp.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if writer is not None:
-                gstep = n * args.max_train_steps + step
-                writer.add_scalar("train/loss", loss.item(), gstep)
-                writer.add_scalar("train/lr", opt.param_groups[-1]["lr"], gstep)
+                batch = glob.shard(acc.process_index * accum + micro, P * accum)
+                with acc.accumulate(model):
+                    terms = model(batch)
+                    loss = terms["loss"]
+                    if not self._all_finite(loss):
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
+                            f"the {n} finished task(s) are saved in {self.out}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and a.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, a.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                step_loss += loss.detach()
+            if P > 1:
+                step_loss = acc.reduce(step_loss, reduction="sum")
+            losses.append(step_loss.item() / (P * accum))
+            if acc.log_with:
+                acc.log({"train/loss": losses[-1], "train/lr": sched.get_last_lr()[-1]},
+                        step=n * a.max_train_steps + step)
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
-            if dp.main and every and (step + 1) % every == 0 and step + 1 < args.max_train_steps:
-                checkpoint.save(out, snapshot(n, step + 1, "train", opt, losses), keep)
+            if every and (step + 1) % every == 0 and step + 1 < a.max_train_steps:
+                self._snapshot(n, step + 1, "train", losses)
         bar.close()
+        t0, s0 = self._steps_timed
+        self.seconds_per_step = (time.time() - t0) / max(1, a.max_train_steps - s0)
         method.release_hooks()
-        for p in (p for g in groups for p in g["params"]):
+        for p in params:
             p.requires_grad_(False)
-        task_dir = out / f"task_{n + 1:02d}_{concept.name}"
-        if dp.main:
-            save_lora_adapter(bb.unet, task_dir, slot=method.adapter_slot(n),
-                              metadata={"fastcp_method": args.method, "fastcp_task": str(n + 1),
+        acc.free_memory()  # this task's DDP wrapper, optimizer and scheduler
+        del model, opt, sched
+        return losses
+
+    def save_task(self, n: int) -> Path:
+        """Task n's adapter and token embedding (diffusers files), then the method's end of task."""
+        from fastcp.models.lora_io import save_concept_embeddings, save_lora_adapter
+
+        concept = self.concepts[n]
+        task_dir = self.out / f"task_{n + 1:02d}_{concept.name}"
+        if self.accelerator.is_main_process:
+            save_lora_adapter(self.bb.unet, task_dir, slot=self.method.adapter_slot(n),
+                              metadata={"fastcp_method": self.args.method, "fastcp_task": str(n + 1),
                                         "fastcp_concept": concept.name})
-            save_concept_embeddings(bb, task_dir, [concept.token])
-        method.end_task(n)
-        train_s = time.time() - t0
+            save_concept_embeddings(self.bb, task_dir, [concept.token])
+        self.method.end_task(n)
+        return task_dir
+
+    def evaluate_task(self, n: int, losses: list[float]) -> dict[str, list[float]]:
+        """Row n of every matrix: each process evaluates its share of the concepts (j ≡ rank mod P),
+        rank 0 gathers; a concept's numbers do not depend on which process computed them."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        train_s = time.time() - self._t_task
         t1 = time.time()
-        if not dp.main:  # the others wait while rank 0 evaluates and writes
-            dp.barrier()
-            continue
-        row = evaluator.evaluate_row(n)
+        mine = [j for j in range(len(self.concepts)) if j % acc.num_processes == acc.process_index]
+        with acc.autocast():
+            part = self.evaluator.evaluate_concepts(n, mine)
+        merged: dict[int, dict] = {}
+        for piece in (gather_object([part]) if acc.num_processes > 1 else [part]):
+            merged.update(piece)
+        row = self.evaluator.fill_row(n, merged)
         eval_s = time.time() - t1
-        task_seconds.append(train_s)
-        log_rows.append({"task": n + 1, "concept": concept.name, "train_seconds": round(train_s, 2),
-                         "eval_seconds": round(eval_s, 2), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
-                         "row": row})
-        report.atomic_write_json(out / "train_log.json", {"method": args.method, "tasks": log_rows})
-        if writer is not None:
-            for metric, values in row.items():
-                writer.add_scalar(f"eval/{metric}_mean", sum(values) / len(values), n + 1)
-            for j, imgs in evaluator.last_samples.items():
-                writer.add_images(f"samples/{names[j]}", (imgs.clamp(-1, 1) + 1) / 2, n + 1)
-            writer.flush()
-        if every:
-            checkpoint.save(out, snapshot(n, args.max_train_steps, "done"), keep)
-        dp.barrier()
+        dev = acc.device
+        self.task_seconds.append(train_s)
+        self.log_rows.append({
+            "task": n + 1, "concept": self.concepts[n].name, "train_seconds": round(train_s, 2),
+            "eval_seconds": round(eval_s, 2), "seconds_per_step": self.seconds_per_step,
+            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "device": str(dev),
+            "num_processes": acc.num_processes,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
+            "row": row})
+        if acc.is_main_process:
+            atomic_write_json(self.out / "train_log.json", {"method": self.args.method, "tasks": self.log_rows})
+            if acc.log_with:
+                acc.log({f"eval/{m}_mean": sum(v) / len(v) for m, v in row.items()}, step=(n + 1) * self.args.max_train_steps)
+                self._log_samples(n)
+        if getattr(self.args, "checkpointing_steps", None):
+            self._snapshot(n, self.args.max_train_steps, "done")
         shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
-        log(f"task {n + 1}/{len(concepts)} {concept.name}: train {train_s:.1f}s, eval {eval_s:.1f}s, mean over concepts: {shown}")
+        self.log(f"task {n + 1}/{len(self.concepts)} {self.concepts[n].name}: train {train_s:.1f}s, eval {eval_s:.1f}s, "
+                 f"mean over concepts: {shown}")
+        return row
 
-    if not dp.main:
-        dp.close()
-        return RunResult(results={}, table="", output_dir=out, task_seconds=task_seconds)
-    summary = evaluator.summary()
-    results = {
-        "method": args.method,
-        "backbone": bb.name,
-        "concepts": names,
-        "seed": args.seed,
-        "seconds": time.time() - t_start,
-        "metrics": summary,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
-    for m, s in summary.items():
-        report.save_heatmap(s["matrix"], names, f"{args.method}: {m}", out / f"{m}_heatmap.png", METRICS[m])
-    report.save_sample_grid(evaluator.samples_for_grid(), names, out / "samples.png")
-    report.atomic_write_json(out / "results.json", results)
-    if writer is not None:
-        writer.close()
-    dp.close()
-    return RunResult(results=results, table=report.format_table(summary, names), output_dir=out, task_seconds=task_seconds)
+    def _log_samples(self, n: int) -> None:
+        if "tensorboard" not in [t.name for t in self.accelerator.trackers]:
+            return
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        for j, imgs in self.evaluator.last_samples.items():
+            writer.add_images(f"samples/{self.names[j]}", (imgs.clamp(-1, 1) + 1) / 2, n + 1)
+        writer.flush()
 
+    def finish(self) -> RunResult:
+        acc = self.accelerator
+        summary = self.evaluator.summary()
+        results = {}
+        if acc.is_main_process:
+            a = self.args
+            results = {"method": a.method, "backbone": self.bb.name, "concepts": self.names, "seed": a.seed,
+                       "seconds": time.time() - self.t_start, "metrics": summary, "config": json_safe(vars(a))}
+            for m, s in summary.items():
+                report.save_heatmap(s["matrix"], self.names, f"{a.method}: {m}", self.out / f"{m}_heatmap.png", METRICS[m])
+            report.save_sample_grid(self.evaluator.samples_for_grid(), self.names, self.out / "samples.png")
+            atomic_write_json(self.out / "results.json", results)
+        acc.wait_for_everyone()
+        acc.end_training()
+        table = report.format_table(summary, self.names) if acc.is_main_process else ""
+        return RunResult(results=results, table=table, output_dir=self.out, task_seconds=self.task_seconds)
+
+    def run(self) -> RunResult:
+        self.setup()
+        for n in range(self.start_task, len(self.concepts)):
+            losses = self.train_task(n)
+            self.save_task(n)
+            self.evaluate_task(n, losses)
+        return self.finish()
+
+
+def run_continual(args, backbone, concepts, judge=None, log=print) -> RunResult:
+    """Train ``concepts`` in order with ``args.method`` and evaluate after every task (see
+    ``ContinualTrainer``). ``args``: a Namespace from ``fastcp.train.make_args`` (or the CLI parser)."""
+    return ContinualTrainer(args, backbone, concepts, judge, log).run()

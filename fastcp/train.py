@@ -26,6 +26,7 @@ for Stable Diffusion use the usual dreambooth-LoRA values (e.g. --max_train_step
 
 def build_parser() -> argparse.ArgumentParser:
     from fastcp.methods import METHODS
+    from fastcp.methods.hparams import NATURAL, NONNEG, POS, POSINT, UNIT, add_method_arguments
 
     p = argparse.ArgumentParser(prog="python -m fastcp.train", description=__doc__.split("\n\n")[0],
                                 epilog=DEFAULTS_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA on the attention projections (attn) or also on the feed-forward linears (attn_ff); "
                         "auto = attn_ff for the tiny model (its only attention runs at 8x8: too little capacity "
                         "for a new concept), attn otherwise")
-    g.add_argument("--token_init", choices=["class", "random"], default="class",
-                   help="concept token starts from its class word's embedding (default, when it has one) or random")
+    g.add_argument("--token_init", choices=["auto", "class", "random"], default="auto",
+                   help="concept token starts from its class word's embedding (when it has one) or random (in every "
+                        "text encoder); auto = the method's choice (random for clora, as C-LoRA; class otherwise)")
     g.add_argument("--learning_rate", type=float, default=2e-3,
                    help="LoRA learning rate (default 2e-3: tiny model, few hundred steps)")
     g.add_argument("--token_learning_rate", type=float, default=5e-3,
@@ -58,15 +60,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_batch_size", type=int, default=8)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches of --train_batch_size per optimizer step (same result as one big batch)")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast the forward passes (weights stay fp32)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="through accelerate: autocast the forward passes (weights stay fp32), fp16 with loss scaling; "
+                        "default: accelerate's config (accelerate config / launch --mixed_precision), else no")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (needs bitsandbytes)")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (needs xformers; PyTorch SDPA is the default)")
     g.add_argument("--seed", type=int, default=0)
-    add_method_hyperparameters(p)
+    g = p.add_argument_group("optimizer and schedule (diffusers' flags)")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+                   help="learning-rate schedule of each task (diffusers.optimization.get_scheduler; default constant)")
+    g.add_argument("--lr_warmup_steps", type=NATURAL, default=0, help="warmup steps of each task's schedule")
+    g.add_argument("--lr_num_cycles", type=POSINT, default=1, help="cosine_with_restarts: hard restarts")
+    g.add_argument("--lr_power", type=POS, default=1.0, help="polynomial: power factor")
+    g.add_argument("--adam_beta1", type=UNIT, default=0.9)
+    g.add_argument("--adam_beta2", type=UNIT, default=0.999)
+    g.add_argument("--adam_weight_decay", type=NONNEG, default=0.0,
+                   help="AdamW weight decay of the LoRA parameters (default 0, fastcp's tuned value; diffusers uses "
+                        "1e-2). Refused for methods that keep several adapter slots (it would decay the frozen ones); "
+                        "tokens never decay")
+    g.add_argument("--adam_epsilon", type=POS, default=1e-8)
+    g.add_argument("--max_grad_norm", type=NONNEG, default=1.0, help="gradient clipping (0 = off; default 1.0)")
+    g = p.add_argument_group("images and loss (diffusers' flags)")
+    g.add_argument("--resolution", type=POSINT, default=None,
+                   help="training image side in pixels (default: the model's sample size)")
+    g.add_argument("--center_crop", action="store_true",
+                   help="center-crop non-square images (default: a random square crop at every draw, as diffusers)")
+    g.add_argument("--random_flip", action="store_true", help="flip each drawn image horizontally with probability 1/2")
+    g.add_argument("--snr_gamma", type=POS, default=None,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the usual value; default off)")
+    g.add_argument("--noise_offset", type=NONNEG, default=0.0, help="noise offset (e.g. 0.1; default 0 = off)")
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="DreamBooth prior preservation: add class images of each concept's class to its batches")
+    g.add_argument("--class_data_dir", type=Path, default=None,
+                   help="class images: this folder for a single concept, <dir>/<concept name>/ otherwise "
+                        "(default <output_dir>/class_images/<name>); missing images are generated by the base model")
+    g.add_argument("--class_prompt", default=None,
+                   help="prompt of the class images (default: each concept's prior prompt, 'a photo of a <class word>')")
+    g.add_argument("--num_class_images", type=POSINT, default=100, help="class images per concept (default 100)")
+    g.add_argument("--prior_loss_weight", type=NONNEG, default=1.0, help="weight of the prior-preservation loss")
+    add_method_arguments(p, METHODS)
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_eval_images", type=int, default=8, help="generated images per concept for fidelity")
     g.add_argument("--eval_inference_steps", type=int, default=20, help="DDIM steps for evaluation samples")
@@ -81,100 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (newest in --output_dir/checkpoints) or a checkpoint file")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, required=True)
-    g.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
-                   help="tensorboard: loss, learning rate, metrics and samples under --output_dir/logs")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="through accelerate's trackers: loss, learning rate and metrics (tensorboard also samples) "
+                        "under --output_dir/logs")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="allow writing into a directory that already holds a finished run")
     return p
-
-
-def _typed(kind, ok, what):
-    """argparse type: convert with ``kind`` and reject values failing ``ok`` (a one-line usage error)."""
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return convert
-
-
-_FRACTION = _typed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-_NONNEG = _typed(float, lambda v: v >= 0, "a number >= 0")
-_POS = _typed(float, lambda v: v > 0, "a number > 0")
-_POSINT = _typed(int, lambda v: v >= 1, "an integer >= 1")
-_NATURAL = _typed(int, lambda v: v >= 0, "an integer >= 0")
-
-
-def add_method_hyperparameters(p: argparse.ArgumentParser) -> None:
-    """Hyperparameters of the CP methods (DESIGN.md section 6); names follow the papers' symbols.
-    Defaults were chosen on the embedded tiny sequence; the reason for each is in its help."""
-    g = p.add_argument_group("method hyperparameters")
-    g.add_argument("--mask_topk", type=_FRACTION, default=1.0,
-                   help="magmax: keep only this top fraction of |tau_n| per layer before the max-magnitude merge "
-                        "(default 1.0 = plain MagMax; the selective update of Deja et al. uses e.g. 0.1)")
-    g.add_argument("--clora_lambda", type=_NONNEG, default=100.0,
-                   help="clora: lambda of ||abs(dW_<n) * dW_n||_F^2 (default 100: on the tiny sequence with "
-                        "--clora_targets lora, 1e3 blocked every concept after the first (fidelity 0 on tasks 2-3, "
-                        "3 seeds); 100 and 10 both learned task 2 and kept task 1 (seed 0); 100 regularises more)")
-    g.add_argument("--clora_targets", choices=["cross_kv", "lora"], default="cross_kv",
-                   help="clora: train and penalise only the cross-attention K/V adapters (default, C-LoRA's "
-                        "choice) or every layer --lora_targets selects (on the tiny model, whose cross-attention "
-                        "runs only at 8x8, K/V alone cannot learn a concept in a few hundred steps)")
-    g.add_argument("--dc_temperature", type=_POS, default=0.1,
-                   help="ewc_dc/dsc: DC temperature tau of softmax(-mean_t err / tau) (default 0.1: error gaps "
-                        "between concepts are ~3e-3..6e-2 on the tiny model; tau=1 gives flat scores, tau=0.01 "
-                        "saturates p(c_n|x) within tens of steps (CE ~1e-8), which also zeroes the Fisher)")
-    g.add_argument("--dc_delta", type=_NONNEG, default=0.001,
-                   help="ewc_dc/dsc: delta, weight of CE(DC logits, c_n) (default 0.001: the CE can always be lowered "
-                        "by raising the other candidates' errors on D_n, which wrecks the shared weights; on tiny, "
-                        "delta=0.1 raised the held-out loss after task 1 from 0.11 to 0.24 (0.66 by task 3), "
-                        "delta=0.01 still forgot concept 1's fidelity fully, 0.001 kept holdout loss at naive's level)")
-    g.add_argument("--dc_concepts", type=_POSINT, default=5,
-                   help="ewc_dc/dsc: DC candidates per step incl. c_0 and c_n (default 5: all seen concepts up to "
-                        "a cap that bounds the per-step cost)")
-    g.add_argument("--dc_train_timesteps", type=_POSINT, default=2,
-                   help="ewc_dc/dsc: DC timesteps per step (default 2: a fresh draw every step averages out)")
-    g.add_argument("--dc_images", type=_POSINT, default=4,
-                   help="ewc_dc/dsc: batch images that get DC terms per step (default 4 = half the batch: the DC "
-                        "pass has images x concepts x timesteps rows)")
-    g.add_argument("--ewc_lambda", type=_NONNEG, default=1e4,
-                   help="ewc_dc/dsc_ewc: lambda of (lambda/2) sum F (dW_n)^2 (default 1e4: on tiny with tau=0.1 the "
-                        "sum F (dW_n)^2 of an unregularised task is ~1e-5, so the penalty reaches L_diff's ~0.06)")
-    g.add_argument("--ewc_gamma", type=_typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=1.0,
-                   help="ewc_dc/dsc_ewc: decay gamma of F <- gamma F + F_n (default 1: every earlier concept "
-                        "counts fully, the CP goal; < 1 favours recent concepts)")
-    g.add_argument("--fisher_timesteps", type=_POSINT, default=4,
-                   help="ewc_dc: timesteps (evenly spaced) per image for the Fisher (default 4)")
-    g.add_argument("--fisher_images", type=_POSINT, default=8,
-                   help="ewc_dc: training images per task for the Fisher (default 8 = all of an embedded concept)")
-    g.add_argument("--dsc_alpha", type=_NONNEG, default=1.0,
-                   help="dsc: alpha, weight of KL(p_old || p_new) over old concepts (default 1: same order as CE)")
-    g.add_argument("--dsc_beta", type=_NONNEG, default=1.0,
-                   help="dsc: beta, weight of mean ||eps_new - eps_old||^2 over old concepts (default 1: the "
-                        "scale of L_diff, i.e. old prompts' predictions weigh as much as the new concept's loss)")
-    g.add_argument("--fl2t_set_size", type=_NATURAL, default=1,
-                   help="fl2t: concepts learned concurrently per set (default 1 = each task a set, strictly "
-                        "continual; 0 = the whole sequence is one set, the paper's concurrent setting)")
-    g.add_argument("--fl2t_proxy_dim", type=_POSINT, default=64, help="fl2t: width d of proxies in the set module (default 64)")
-    g.add_argument("--fl2t_heads", type=_POSINT, default=4, help="fl2t: attention heads of the set module (default 4)")
-    g.add_argument("--fl2t_layers", type=_POSINT, default=1, help="fl2t: encoder layers of the set module (default 1)")
-    g.add_argument("--fl2t_tau", type=_POS, default=0.1, help="fl2t: InfoNCE temperature tau_c (default 0.1, CLIP-like)")
-    g.add_argument("--fl2t_nce_weight", type=_NONNEG, default=0.1,
-                   help="fl2t: weight of the InfoNCE term (default 0.1: O(1) loss kept below L_diff's influence)")
-    g.add_argument("--fl2t_keep_weight", type=_NONNEG, default=10.0,
-                   help="fl2t: weight of the routing-keep term, the mean squared change of earlier sets' "
-                        "per-layer coef (text only, no earlier images). Default 10: without it (0) the shared "
-                        "set module learns to switch earlier adapters into old prompts while fitting a new set "
-                        "(fidelity of earlier concepts fell from 1.0 to 0-0.25 in one of 3 seeds); 10 makes a "
-                        "gate drift of 0.15 cost about L_diff")
-    g.add_argument("--fl2t_gate_scale", type=float, default=1.0, help="fl2t: initial a_l of g = sigmoid(a_l s + c_l)")
-    g.add_argument("--fl2t_gate_bias", type=float, default=-2.0,
-                   help="fl2t: initial c_l (default -2: other concepts' adapters start mostly off, g ~ 0.12)")
-    g.add_argument("--fl2t_learning_rate", type=_POS, default=1e-3,
-                   help="fl2t: learning rate of the proxies and the set module (default 1e-3)")
 
 
 def _fail(msg: str) -> int:
@@ -217,6 +165,51 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"fastcp.train: warning: {message}\n"
 
 
+def make_args(**overrides) -> argparse.Namespace:
+    """The Python API's arguments: the CLI's defaults, ``overrides`` (flag names without dashes),
+    and the dependent defaults resolved as the CLI resolves them (``continual.resolve_defaults``).
+
+        args = make_args(output_dir="out/run", method="merge", max_train_steps=100)
+        run_continual(args, load_backbone("tiny"), embedded_sequence(3))
+    """
+    from fastcp.continual import resolve_defaults
+
+    args = build_parser().parse_args(["--output_dir", str(overrides.pop("output_dir", "outputs/run"))])
+    unknown = [k for k in overrides if not hasattr(args, k)]
+    if unknown:
+        raise ValueError(f"make_args: unknown argument(s) {', '.join(unknown)}")
+    vars(args).update(overrides)
+    return resolve_defaults(args)
+
+
+def validate_args(args) -> str | None:
+    """The first problem with the arguments as a one-line message, or None."""
+    import importlib.util
+
+    from fastcp.methods import METHODS, get_method
+    from fastcp.methods.hparams import from_args
+
+    if args.method not in METHODS:
+        return f"unknown method {args.method!r}; choose one of {', '.join(sorted(m for m in METHODS if not m.startswith('_')))}"
+    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images",
+                 "checkpoints_total_limit", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    for flag, module, extra in (("use_8bit_adam", "bitsandbytes", "pip install bitsandbytes"),
+                                ("enable_xformers_memory_efficient_attention", "xformers", "pip install xformers"),
+                                ("report_to", args.report_to, f"pip install {args.report_to}")):
+        wanted = getattr(args, flag)
+        if wanted and wanted != "none" and importlib.util.find_spec(module) is None:
+            return f"--{flag} {'' if wanted is True else wanted + ' '}needs the {module} package, which is not installed ({extra})"
+    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
+        return f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}"
+    try:
+        from_args(get_method(args.method).hyperparameters, args)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv=None) -> int:
     import warnings
 
@@ -224,29 +217,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from fastcp.data.concepts import DataError
-    from fastcp.methods import METHODS
 
     # ---- validate everything before a single file is written
-    if args.method not in METHODS:
-        return _fail(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
-    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images",
-                 "checkpoints_total_limit", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
-    import importlib.util
+    problem = validate_args(args)
+    if problem:
+        return _fail(problem)
+    from fastcp.continual import resolve_defaults
 
-    for flag, module, extra in (("use_8bit_adam", "bitsandbytes", "pip install bitsandbytes"),
-                                ("enable_xformers_memory_efficient_attention", "xformers", "pip install xformers"),
-                                ("report_to", "tensorboard", "pip install tensorboard")):
-        wanted = getattr(args, flag)
-        if wanted and wanted != "none" and importlib.util.find_spec(module) is None:
-            return _fail(f"--{flag} needs the {module} package, which is not installed ({extra})")
-    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
-        return _fail(f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}")
-    if args.lora_alpha is None:
-        args.lora_alpha = float(args.rank)
-    if args.lora_targets == "auto":
-        args.lora_targets = "attn_ff" if args.pretrained_model_name_or_path == "tiny" else "attn"
+    resolve_defaults(args)
     out = Path(args.output_dir)
     if (out / "results.json").exists() and not args.overwrite_output_dir:
         return _fail(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir or pick another --output_dir")
@@ -254,7 +232,7 @@ def main(argv=None) -> int:
 
     try:
         backbone = load_backbone(args.pretrained_model_name_or_path)
-        concepts = load_sequence(args, backbone.sample_size)
+        concepts = load_sequence(args, args.resolution or backbone.sample_size)
     except (DataError, ValueError) as exc:
         return _fail(str(exc))
     judge = None
@@ -264,17 +242,25 @@ def main(argv=None) -> int:
         judge = load_judge()
 
     from fastcp.checkpoint import CheckpointError
-    from fastcp.continual import TrainingError, run_continual
+    from fastcp.continual import ContinualTrainer, TrainingError
 
     t0 = time.time()
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(f"fastcp: {args.method} on {backbone.name}, {len(concepts)} concepts: {', '.join(c.name for c in concepts)}")
+    trainer = ContinualTrainer(args, backbone, concepts, judge)
+    try:
+        trainer.setup()  # bad input found here (a checkpoint, mixed precision the device lacks...) is one line
+    except (CheckpointError, ValueError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    trainer.log(f"fastcp: {args.method} on {backbone.name} ({trainer.accelerator.device}, "
+                f"{trainer.accelerator.num_processes} process(es)), {len(concepts)} concepts: "
+                f"{', '.join(c.name for c in concepts)}")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        run = run_continual(args, backbone, concepts, judge)
-    except (TrainingError, CheckpointError) as exc:
+        for n in range(trainer.start_task, len(concepts)):
+            losses = trainer.train_task(n)
+            trainer.save_task(n)
+            trainer.evaluate_task(n, losses)
+        run = trainer.finish()
+    except TrainingError as exc:
         return _fail(str(exc))
     if run.table:  # rank 0 (or the only process)
         print()

@@ -29,7 +29,7 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     proc = subprocess.Popen(cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    target = out / "checkpoints" / "checkpoint-001-0000005-train.pt"  # task 2, step 5 of 20
+    target = out / "checkpoints" / "checkpoint-001-0000005-train"  # task 2, step 5 of 20
     deadline = time.time() + 300
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -15,24 +15,17 @@ from fastcp.train import build_parser
 
 
 def make_method(name, *flags, concepts=None, num_concepts=2, seed=0):
-    """A method set up on a fresh random tiny backbone, as run_continual sets it up."""
+    """A method set up on a fresh random tiny backbone, through the trainer's own setup."""
+    from fastcp.continual import ContinualTrainer
     from fastcp.models.tiny import build_tiny_backbone
 
     args = build_parser().parse_args(["--output_dir", "unused", "--method", name, "--seed", str(seed), "--rank", "4",
-                                      "--train_batch_size", "2", *flags])
-    args.lora_alpha = float(args.rank)
-    torch.manual_seed(seed)
+                                      "--train_batch_size", "2", "--lora_targets", "attn_ff", *flags])
     bb = build_tiny_backbone(seed=0)
     concepts = concepts if concepts is not None else embedded_sequence(num_concepts, seed=0, num_train=2, num_holdout=2)
-    method = get_method(name)(args)
-    layers = inject_multi_lora(bb.unet, num_adapters=method.slots_needed(len(concepts)), rank=args.rank,
-                               alpha=args.lora_alpha, targets=tuple(method.lora_targets) + FEEDFORWARD_TARGETS)
-    gen = torch.Generator().manual_seed(seed)
-    for c in concepts:
-        bb.add_concept_token(c.token, init_word=c.class_word, generator=gen)
-    bb.text_encoder.requires_grad_(False)
-    method.setup(Context(backbone=bb, layers=layers, concepts=concepts, args=args, generator=gen))
-    return method
+    trainer = ContinualTrainer(args, bb, concepts)
+    trainer.setup()
+    return trainer.method
 
 
 def train_steps(method, n, steps, lr=1e-2):
@@ -45,7 +38,7 @@ def train_steps(method, n, steps, lr=1e-2):
     seen = method.ctx.concepts[: n + 1] if method.sees_all_concepts else [None] * n + [method.ctx.concepts[n]]
     latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
     for _ in range(steps):
-        loss = method.loss(method.sample_batch(n, latents, method.args.train_batch_size))["loss"]
+        loss = method.loss(method.draw_step(n, latents, method.args.train_batch_size))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -227,8 +220,8 @@ def test_dsc_kl_and_eps_terms_vanish_with_the_current_adapter_at_zero():
     m.end_task(0)  # task 0 "done": task 1 has candidates {c_0, concept 0, concept 1}
     m.begin_task(1)
     bb = m.ctx.backbone
-    batch = TaskBatch(latents=bb.encode_images(m.ctx.concepts[1].train_images), prompts=[m.ctx.concepts[1].prompt] * 2,
-                      task=1)
+    batch = m.draw(TaskBatch(latents=bb.encode_images(m.ctx.concepts[1].train_images),
+                             prompts=[m.ctx.concepts[1].prompt] * 2, task=1))
     terms = m.dsc_pass(batch)
     assert abs(terms["kl"].item()) < 1e-9 and terms["eps"].item() < 1e-12
     assert terms["dc_ce"].item() > 0
@@ -325,7 +318,7 @@ def test_fl2t_routing_keep_holds_earlier_sets_coef_at_the_set_start():
     assert torch.all(m.keep_ref[:, 0, 0] == 1) and torch.all(m.keep_ref[:, 0, 1] == 0)  # own slot; new slot off
     seen = m.ctx.concepts[:2]
     latents = [m.ctx.backbone.encode_images(c.train_images) for c in seen]
-    terms = m.loss(m.sample_batch(1, latents, 2))
+    terms = m.loss(m.draw_step(1, latents, 2))
     # Module unchanged since the set started: only the new slot's gate on the old prompt differs.
     bb = m.ctx.backbone
     prompt = [m.ctx.concepts[0].prompt]

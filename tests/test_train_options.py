@@ -44,7 +44,7 @@ def test_bf16_autocast_and_tensorboard(tmp_path):
     out = tmp_path / "tb"
     p = run(out, "--mixed_precision", "bf16", "--report_to", "tensorboard", "--train_batch_size", "2")
     assert p.returncode == 0, p.stderr[-2000:]
-    events = list((out / "logs").glob("events.out.tfevents.*"))
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert all(torch.isfinite(t).all() for t in adapter(out).values())
 

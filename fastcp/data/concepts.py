@@ -37,6 +37,13 @@ class Concept:
     class_word: str | None = None
     source: str = "embedded"
     meta: dict = field(default_factory=dict)
+    #: the training images resized so that their short side is the resolution, uncropped (for
+    #: random crops, ``--center_crop`` off); None when every image is square already
+    train_full: list[torch.Tensor] | None = None
+    #: DreamBooth prior preservation: the class prompt (default ``prior_prompt``) and the folder
+    #: of class images (default chosen by the trainer)
+    class_prompt_override: str | None = None
+    class_data_dir: str | None = None
 
     @property
     def prior_prompt(self) -> str:
@@ -44,17 +51,25 @@ class Concept:
         return f"a photo of a {self.class_word}" if self.class_word else "a photo"
 
     @property
+    def class_prompt(self) -> str:
+        """Prompt of this concept's prior-preservation class images (``--class_prompt``)."""
+        return self.class_prompt_override or self.prior_prompt
+
+    @property
     def eval_images(self) -> torch.Tensor:
         """Held-out images if there are any, else the training images (said in the report)."""
         return self.holdout_images if self.holdout_images is not None else self.train_images
 
 
-def load_image_folder(folder: str | Path, size: int, *, role: str = "images") -> torch.Tensor:
-    """All images of a folder as [N, 3, size, size] in [-1, 1] (center-crop to square, resize).
+def load_image_folder(folder: str | Path, size: int, *, role: str = "images",
+                      full: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """All images of a folder as [N, 3, size, size] in [-1, 1]: EXIF orientation applied (phone
+    photos), short side resized to ``size``, center crop. ``full``, if given, receives each image
+    resized but uncropped [3, H, W] (for random crops).
 
     Unreadable or non-image files are skipped with a warning; no image left is a DataError.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.exists():
@@ -69,19 +84,26 @@ def load_image_folder(folder: str | Path, size: int, *, role: str = "images") ->
         try:
             with Image.open(path) as im:
                 im.load()
-                im = im.convert("RGB")
+                im = ImageOps.exif_transpose(im).convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             warnings.warn(f"skipping {path}: not a readable image ({type(exc).__name__})", stacklevel=2)
             continue
         w, h = im.size
         s = min(w, h)
+        if full is not None:
+            rw, rh = round(w * size / s), round(h * size / s)
+            full.append(_to_tensor(im.resize((max(rw, size), max(rh, size)), Image.BICUBIC)))
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         im = im.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+        out.append(_to_tensor(im))
     if not out:
         raise DataError(f"{role} folder {folder} has no readable image (of {len(files)} files)")
     return torch.stack(out)
+
+
+def _to_tensor(im) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def save_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = "img") -> None:
@@ -132,7 +154,8 @@ def embedded_sequence(num_concepts: int | None = None, seed: int = 0, num_train:
 def _concept_from_entry(entry: dict, index: int, base: Path, size: int, where: str) -> Concept:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: entry {index} must be a mapping, got {type(entry).__name__}")
-    unknown = set(entry) - {"name", "token", "prompt", "class_word", "train_dir", "holdout_dir", "instance_data_dir"}
+    unknown = set(entry) - {"name", "token", "prompt", "class_word", "train_dir", "holdout_dir", "instance_data_dir",
+                            "class_prompt", "class_data_dir"}
     if unknown:
         raise DataError(f"{where}: entry {index} has unknown key(s) {sorted(unknown)}")
     train_dir = entry.get("train_dir", entry.get("instance_data_dir"))
@@ -147,16 +170,26 @@ def _concept_from_entry(entry: dict, index: int, base: Path, size: int, where: s
     if entry.get("holdout_dir"):
         hd = Path(entry["holdout_dir"])
         holdout = load_image_folder(hd if hd.is_absolute() else base / hd, size, role=f"held-out images of {name!r}")
-    return Concept(name=name, token=token, prompt=prompt, class_word=class_word,
-                   train_images=load_image_folder(train_dir, size, role=f"images of {name!r}"),
-                   holdout_images=holdout, source=str(train_dir))
+    full: list[torch.Tensor] = []
+    images = load_image_folder(train_dir, size, role=f"images of {name!r}", full=full)
+    class_dir = entry.get("class_data_dir")
+    if class_dir is not None and not Path(class_dir).is_absolute():
+        class_dir = str(base / class_dir)
+    return Concept(name=name, token=token, prompt=prompt, class_word=class_word, train_images=images,
+                   holdout_images=holdout, source=str(train_dir), train_full=_non_square(full),
+                   class_prompt_override=entry.get("class_prompt"), class_data_dir=class_dir)
+
+
+def _non_square(full: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    return full if any(f.shape[-1] != f.shape[-2] for f in full) else None
 
 
 def load_sequence_file(path: str | Path, size: int) -> list[Concept]:
     """Read a task sequence (JSON or YAML): a list of concept entries, or {"concepts": [...]}.
 
     Entry keys: name, token (default <vN>), prompt (may contain "{token}"), class_word,
-    train_dir (relative to the file), holdout_dir (optional).
+    train_dir (relative to the file), holdout_dir (optional), class_prompt and class_data_dir
+    (prior preservation, optional).
     """
     path = Path(path)
     if not path.is_file():

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from fastcp.models.noise import noisy_input_and_target
+
 #: metric name -> True if higher is better
 METRICS = {"fidelity": True, "dc_acc": True, "holdout_loss": False, "text_align": True}
 
@@ -99,8 +101,7 @@ class ContinualEvaluator:
         noise = self.holdout_noise[j].to(x0).reshape(N * T, *x0.shape[1:])
         t = self.holdout_t.repeat(N).to(x0.device)
         x0r = x0.repeat_interleave(T, dim=0)
-        x_t = bb.scheduler.add_noise(x0r, noise, t)
-        target = bb.scheduler.get_velocity(x0r, noise, t) if bb.prediction_type == "v_prediction" else noise
+        x_t, target = noisy_input_and_target(bb.scheduler, x0r, noise, t, bb.prediction_type)
         cond = bb.encode_prompt([c.prompt])
         cond = cond.select(torch.zeros(N * T, dtype=torch.long, device=x0.device))
         with self.method.generation_routing(j):
@@ -141,21 +142,37 @@ class ContinualEvaluator:
 
     # ------------------------------------------------------------------ one row
     @torch.no_grad()
-    def evaluate_row(self, n: int, progress=None) -> dict[str, list[float]]:
-        """Evaluate every concept after task n; fills row n of each matrix and returns it."""
+    def evaluate_concepts(self, n: int, concepts, progress=None) -> dict[int, dict]:
+        """Every metric of each concept j in ``concepts`` after task n: {j: {"values": {metric:
+        float}, "samples": images or None}}. Each concept's numbers depend only on the model and
+        the fixed draws, so any split of the concepts over processes gives the same row."""
         unet_mode = self.bb.unet.training
         self.bb.unet.eval()
-        for j in range(len(self.concepts)):
-            self.matrix["holdout_loss"][n][j] = self.holdout_loss(j)
-            self.matrix["dc_acc"][n][j] = self.dc_accuracy(j, n)
+        out = {}
+        for j in concepts:
+            values = {"holdout_loss": self.holdout_loss(j), "dc_acc": self.dc_accuracy(j, n)}
+            samples = None
             if "fidelity" in self.metrics:
-                imgs = self.generate(j)
-                self.matrix["fidelity"][n][j] = self.fidelity(imgs, j)
-                self.last_samples[j] = imgs
+                samples = self.generate(j)
+                values["fidelity"] = self.fidelity(samples, j)
+            out[j] = {"values": values, "samples": samples}
             if progress is not None:
                 progress.update(1)
         self.bb.unet.train(unet_mode)
+        return out
+
+    def fill_row(self, n: int, results: dict[int, dict]) -> dict[str, list[float]]:
+        """Write ``evaluate_concepts`` results (of every concept) into row n; returns the row."""
+        for j, r in results.items():
+            for m, v in r["values"].items():
+                self.matrix[m][n][j] = v
+            if r["samples"] is not None:
+                self.last_samples[j] = r["samples"]
         return {m: self.matrix[m][n] for m in self.metrics}
+
+    def evaluate_row(self, n: int, progress=None) -> dict[str, list[float]]:
+        """Evaluate every concept after task n in this process; fills row n of each matrix and returns it."""
+        return self.fill_row(n, self.evaluate_concepts(n, range(len(self.concepts)), progress))
 
     def samples_for_grid(self) -> dict[int, torch.Tensor]:
         """Samples of every concept from the latest row (generated now if fidelity is off)."""

@@ -1,55 +1,16 @@
 """Files a run leaves behind: results.json, heatmaps, sample grids, the summary table.
 
-Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
-run killed at any moment leaves either the old file or the new one, never half of one.
+Every file is written atomically through ``fastcp.files``.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _clean(obj):
-    """JSON-safe: NaN/inf -> None, tensors/np scalars -> Python numbers, paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
+from fastcp.files import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 
 
 def _atomic_savefig(fig, path: Path) -> None:

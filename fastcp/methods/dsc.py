@@ -26,12 +26,16 @@ and ε terms are zero (up to float rounding between rows of one batch).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from fastcp.methods.base import Method, TaskBatch, register
-from fastcp.methods.ewc_dc import DCTermsMixin, EWCMixin
+from fastcp.methods.ewc_dc import DCHyperparameters, DCTermsMixin, EWCHyperparameters, EWCMixin
+from fastcp.methods.hparams import NONNEG, hparam
 from fastcp.models.backbone import Conditioning
+from fastcp.models.noise import noisy_input_and_target
 from fastcp.nn import lora_routing
 
 
@@ -54,12 +58,8 @@ def batched_predictions(unet, scheduler, latents: torch.Tensor, cond: Conditioni
     if gates.dim() != 2 or gates.shape[0] != K:
         raise ValueError(f"gates: expected [K={K}, slots], got {list(gates.shape)}")
     dev = latents.device
-    acp = scheduler.alphas_cumprod.to(device=dev, dtype=torch.float32)[timesteps.to(dev)]
-    sa = acp.sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
-    sb = (1 - acp).sqrt().view(1, T, 1, 1, 1).to(latents.dtype)
-    noisy = sa * latents.unsqueeze(1) + sb * noise
-    v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-    target = sa * noise - sb * latents.unsqueeze(1) if v_pred else noise
+    noisy, target = noisy_input_and_target(scheduler, latents.unsqueeze(1), noise, timesteps,
+                                           scheduler.config.get("prediction_type", "epsilon"), t_shape=(1, T))
     n_idx = torch.arange(N, device=dev).repeat_interleave(K * T)
     k_idx = torch.arange(K, device=dev).repeat_interleave(T).repeat(N)
     t_idx = torch.arange(T, device=dev).repeat(N * K)
@@ -81,11 +81,13 @@ def batched_predictions(unet, scheduler, latents: torch.Tensor, cond: Conditioni
     return pred.view(N, K, T, *latents.shape[1:]), target
 
 
-def dsc_terms(pred: torch.Tensor, target: torch.Tensor, num_old: int, temperature: float) -> dict[str, torch.Tensor]:
+def dsc_terms(pred: torch.Tensor, target: torch.Tensor, num_old: int, temperature: float,
+              reduction: str = "mean") -> dict[str, torch.Tensor]:
     """CE, KL and ε terms from one batched pass.
 
     pred [N, 2·num_old + 1, T, ...]: student rows (old candidates, then c_n) followed by teacher
-    rows (old candidates); target [N, T, ...]. Returns {"dc_ce", "kl", "eps"} (fp32 scalars).
+    rows (old candidates); target [N, T, ...]. Returns {"dc_ce", "kl", "eps"}: fp32 means over the
+    N images, or their sums over the images with ``reduction="sum"``.
     """
     K_s = num_old + 1
     if pred.shape[1] != K_s + num_old:
@@ -95,39 +97,61 @@ def dsc_terms(pred: torch.Tensor, target: torch.Tensor, num_old: int, temperatur
     logits = -err.mean(dim=2) / temperature  # [N, K']
     student, teacher = logits[:, :K_s], logits[:, K_s:].detach()
     target_idx = torch.full((pred.shape[0],), num_old, dtype=torch.long, device=pred.device)
-    ce = F.cross_entropy(student, target_idx)
+    ce = F.cross_entropy(student, target_idx, reduction="none")
     log_new = torch.log_softmax(student[:, :num_old], dim=1)
     log_old = torch.log_softmax(teacher, dim=1)
-    kl = (log_old.exp() * (log_old - log_new)).sum(dim=1).mean()
-    eps = ((pred[:, :num_old].float() - pred[:, K_s:].detach().float()) ** 2).mean()
-    return {"dc_ce": ce, "kl": kl, "eps": eps}
+    kl = (log_old.exp() * (log_old - log_new)).sum(dim=1)
+    eps = ((pred[:, :num_old].float() - pred[:, K_s:].detach().float()) ** 2).flatten(1).mean(1)
+    reduce = torch.sum if reduction == "sum" else torch.mean
+    return {"dc_ce": reduce(ce), "kl": reduce(kl), "eps": reduce(eps)}
+
+
+@dataclass
+class DSCHyperparameters(DCHyperparameters):
+    dsc_alpha: float = hparam(1.0, NONNEG, "alpha, weight of KL(p_old || p_new) over old concepts (default 1: same "
+                              "order as CE)")
+    dsc_beta: float = hparam(1.0, NONNEG, "beta, weight of mean ||eps_new - eps_old||^2 over old concepts (default 1: "
+                             "the scale of L_diff, i.e. old prompts' predictions weigh as much as the new concept's loss)")
+
+
+@dataclass
+class DSCEWCHyperparameters(DSCHyperparameters, EWCHyperparameters):
+    pass
 
 
 @register
 class DSC(DCTermsMixin, EWCMixin, Method):
     name = "dsc"
+    hyperparameters = DSCHyperparameters
     use_ewc = False
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        self.ewc_setup()
+        if self.use_ewc:
+            self.ewc_setup()
 
     def dsc_pass(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        old, new = self.dc_candidates(batch.task)
-        x, ts, noise = self.dc_draw(batch.latents)
+        """{"dc_ce", "kl", "eps"}: each averaged over the global batch's DC images (this shard's part)."""
+        rows, noise = batch.dc_rows()
+        if noise is None:  # this shard holds none of the DC images
+            zero = torch.zeros((), device=batch.latents.device)
+            return {"dc_ce": zero, "kl": zero, "eps": zero}
+        x = batch.latents[rows]
+        old, new = batch.dc.old, batch.dc.new
         bb = self.ctx.backbone
         cond = bb.encode_prompt(old + new)
         k_old = len(old)
         rows = torch.cat([torch.arange(k_old + 1), torch.arange(k_old)]).to(x.device)  # student, then teacher
         gates = torch.cat([torch.ones(k_old + 1, 1), torch.zeros(k_old, 1)])
-        pred, target = batched_predictions(bb.unet, bb.scheduler, x, cond.select(rows), ts, noise, gates)
-        return dsc_terms(pred, target, k_old, float(self.args.dc_temperature))
+        pred, target = batched_predictions(bb.unet, bb.scheduler, x, cond.select(rows), batch.dc.timesteps, noise, gates)
+        sums = dsc_terms(pred, target, k_old, float(self.hp.dc_temperature), reduction="sum")
+        return {k: batch.share_of_mean(v, batch.dc.rows) for k, v in sums.items()}
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        a = self.args
+        hp = self.hp
         l_diff = self.diffusion_loss(batch)
         terms = self.dsc_pass(batch)
-        total = l_diff + a.dc_delta * terms["dc_ce"] + a.dsc_alpha * terms["kl"] + a.dsc_beta * terms["eps"]
+        total = l_diff + hp.dc_delta * terms["dc_ce"] + hp.dsc_alpha * terms["kl"] + hp.dsc_beta * terms["eps"]
         out = {"diff": l_diff, **terms}
         if self.use_ewc:
             out["ewc"] = self.ewc_penalty()
@@ -141,8 +165,16 @@ class DSC(DCTermsMixin, EWCMixin, Method):
         if self.use_ewc:
             self.ewc_update(n)
 
+    def state_dict(self) -> dict:
+        return self.ewc_state() if self.use_ewc else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.use_ewc:
+            self.load_ewc_state(state)
+
 
 @register
 class DSCEWC(DSC):
     name = "dsc_ewc"
+    hyperparameters = DSCEWCHyperparameters
     use_ewc = True

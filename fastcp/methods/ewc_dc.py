@@ -32,21 +32,61 @@ entries (0.65 MB).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from fastcp.methods.base import Method, TaskBatch, register
+from dataclasses import replace
+
+from fastcp.methods.base import DCDraw, Method, TaskBatch, register
+from fastcp.methods.hparams import NONNEG, POS, POSINT, UNIT, hparam
+
+
+@dataclass
+class DCHyperparameters:
+    """The DC term shared by ``ewc_dc`` and ``dsc``; defaults chosen on the embedded tiny sequence."""
+
+    dc_temperature: float = hparam(0.1, POS, "DC temperature tau of softmax(-mean_t err / tau) (default 0.1: error gaps "
+                                   "between concepts are ~3e-3..6e-2 on the tiny model; tau=1 gives flat scores, tau=0.01 "
+                                   "saturates p(c_n|x) within tens of steps (CE ~1e-8), which also zeroes the Fisher)")
+    dc_delta: float = hparam(0.001, NONNEG, "delta, weight of CE(DC logits, c_n) (default 0.001: the CE can always be "
+                             "lowered by raising the other candidates' errors on D_n, which wrecks the shared weights; on "
+                             "tiny, delta=0.1 raised the held-out loss after task 1 from 0.11 to 0.24 (0.66 by task 3), "
+                             "delta=0.01 still forgot concept 1's fidelity fully, 0.001 kept holdout loss at naive's level)")
+    dc_concepts: int = hparam(5, POSINT, "DC candidates per step incl. c_0 and c_n (default 5: all seen concepts up to "
+                              "a cap that bounds the per-step cost)")
+    dc_train_timesteps: int = hparam(2, POSINT, "DC timesteps per step (default 2: a fresh draw every step averages out)")
+    dc_images: int = hparam(4, POSINT, "images of the global batch that get DC terms per step (default 4 = half the "
+                            "default batch: the DC pass has images x concepts x timesteps rows)")
+
+
+@dataclass
+class EWCHyperparameters:
+    """Online EWC with the DC Fisher (``ewc_dc``, ``dsc_ewc``)."""
+
+    ewc_lambda: float = hparam(1e4, NONNEG, "lambda of (lambda/2) sum F (dW_n)^2 (default 1e4: on tiny with tau=0.1 the "
+                               "sum F (dW_n)^2 of an unregularised task is ~1e-5, so the penalty reaches L_diff's ~0.06)")
+    ewc_gamma: float = hparam(1.0, UNIT, "decay gamma of F <- gamma F + F_n (default 1: every earlier concept counts "
+                              "fully, the CP goal; < 1 favours recent concepts)")
+    fisher_timesteps: int = hparam(4, POSINT, "timesteps (evenly spaced) per image for the Fisher (default 4)")
+    fisher_images: int = hparam(8, POSINT, "training images per task for the Fisher (default 8 = all of an embedded concept)")
+
+
+@dataclass
+class EWCDCHyperparameters(DCHyperparameters, EWCHyperparameters):
+    pass
 
 
 # --------------------------------------------------------------------------- shared DC helpers
 class DCTermsMixin:
-    """Candidate sampling and the DC CE term shared by ``ewc_dc`` and ``dsc``."""
+    """Candidate sampling, the step's DC draws and the DC CE term shared by ``ewc_dc`` and ``dsc``."""
 
     def dc_candidates(self, n: int) -> tuple[list[str], list[str]]:
         """(old prompts, [c_n's prompt]) for task n: c_0 = concept n's prior prompt, then up to
         ``dc_concepts − 2`` earlier concepts (all of them while they fit; else sampled)."""
         concepts = self.ctx.concepts
-        cap = int(self.args.dc_concepts)
+        cap = int(self.hp.dc_concepts)
         earlier = list(range(n))
         if len(earlier) > max(0, cap - 2):
             perm = torch.randperm(len(earlier), generator=self.ctx.generator)[: max(0, cap - 2)]
@@ -54,15 +94,38 @@ class DCTermsMixin:
         old = [concepts[n].prior_prompt] + [concepts[m].prompt for m in earlier]
         return old, [concepts[n].prompt]
 
-    def dc_draw(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images [N, C, H, W], timesteps [T], noise [N, T, C, H, W]) for one step's DC term."""
-        x = latents[: int(self.args.dc_images)]
-        T = int(self.args.dc_train_timesteps)
+    def draw_extras(self, batch: TaskBatch) -> TaskBatch:
+        """The step's DC draws for the global batch: candidates, ``dc_train_timesteps`` timesteps
+        and noise [dc_images, T, ...] for its first ``dc_images`` instance rows."""
+        if not self.dc_active():
+            return batch
+        old, new = self.dc_candidates(batch.task)
+        rows = min(int(self.hp.dc_images), batch.rows - batch.prior_rows)
+        T = int(self.hp.dc_train_timesteps)
         n_train = self.ctx.backbone.scheduler.config.num_train_timesteps
         gen = self.ctx.generator
+        x = batch.latents
         ts = torch.randint(0, n_train, (T,), generator=gen).to(x.device)
-        noise = torch.randn((x.shape[0], T, *x.shape[1:]), generator=gen).to(x)
-        return x, ts, noise
+        noise = torch.randn((rows, T, *x.shape[1:]), generator=gen).to(x)
+        return replace(batch, dc=DCDraw(old, new, ts, noise))
+
+    def dc_active(self) -> bool:
+        return True
+
+    def dc_ce(self, batch: TaskBatch) -> torch.Tensor:
+        """CE(DC logits over {c_0, sampled earlier, c_n}, c_n) averaged over the global batch's DC
+        images (this shard's part)."""
+        from fastcp.dc import DiffusionClassifier
+
+        rows, noise = batch.dc_rows()
+        x = batch.latents[rows]
+        if noise is None:  # this shard holds none of the DC images
+            return torch.zeros((), device=batch.latents.device)
+        bb = self.ctx.backbone
+        clf = DiffusionClassifier(bb.unet, bb.scheduler, temperature=float(self.hp.dc_temperature))
+        logits = clf.logits(x, bb.encode_prompt(batch.dc.old + batch.dc.new), batch.dc.timesteps, noise)
+        target = torch.full((x.shape[0],), len(batch.dc.old), dtype=torch.long, device=x.device)
+        return batch.share_of_mean(F.cross_entropy(logits.float(), target, reduction="sum"), batch.dc.rows)
 
 
 def dc_fisher(backbone, layers: dict, prompts: list[str], target: int, images: torch.Tensor,
@@ -105,10 +168,8 @@ class EWCMixin:
     """Online EWC with the DC Fisher: F ← γ·F + F_n after each task; penalty (λ/2)·Σ F ⊙ (ΔW_n)²."""
 
     def ewc_setup(self) -> None:
-        self.ewc_lambda = float(self.args.ewc_lambda)
-        self.ewc_gamma = float(self.args.ewc_gamma)
-        if self.ewc_lambda < 0 or not 0 <= self.ewc_gamma <= 1:
-            raise ValueError(f"--ewc_lambda must be >= 0 and --ewc_gamma in [0, 1], got {self.ewc_lambda}, {self.ewc_gamma}")
+        self.ewc_lambda = float(self.hp.ewc_lambda)
+        self.ewc_gamma = float(self.hp.ewc_gamma)
         self.fisher: dict[str, torch.Tensor] = {}
 
     def ewc_penalty(self) -> torch.Tensor:
@@ -124,8 +185,8 @@ class EWCMixin:
         """F_n of task n at the current (merged) model, on D_n."""
         bb, c = self.ctx.backbone, self.ctx.concepts[n]
         with torch.no_grad():
-            x = bb.encode_images(c.train_images[: int(self.args.fisher_images)])
-        T = int(self.args.fisher_timesteps)
+            x = bb.encode_images(c.train_images[: int(self.hp.fisher_images)])
+        T = int(self.hp.fisher_timesteps)
         n_train = bb.scheduler.config.num_train_timesteps
         ts = torch.linspace(100, n_train - 100, T).long().to(x.device)
         g = torch.Generator().manual_seed(int(self.args.seed) * 7919 + n)
@@ -135,7 +196,7 @@ class EWCMixin:
         bb.unet.eval()
         try:
             return dc_fisher(bb, self.ctx.layers, prompts, len(prompts) - 1, x, ts, noise,
-                             float(self.args.dc_temperature))
+                             float(self.hp.dc_temperature))
         finally:
             bb.unet.train(was)
 
@@ -146,35 +207,40 @@ class EWCMixin:
             new = f if prev is None else self.ewc_gamma * prev.float() + f
             self.fisher[name] = new.to(torch.bfloat16)  # compact storage (module docstring)
 
+    def ewc_state(self) -> dict:
+        return {"fisher": dict(self.fisher)}
+
+    def load_ewc_state(self, state: dict) -> None:
+        dev = self.ctx.backbone.device
+        self.fisher = {k: v.to(device=dev, dtype=torch.bfloat16) for k, v in state.get("fisher", {}).items()}
+
 
 @register
 class EWCDC(DCTermsMixin, EWCMixin, Method):
     name = "ewc_dc"
+    hyperparameters = EWCDCHyperparameters
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         self.ewc_setup()
 
-    def dc_ce(self, batch: TaskBatch) -> torch.Tensor:
-        """CE(DC logits over {c_0, sampled earlier, c_n}, c_n) on ``--dc_images`` of the batch."""
-        from fastcp.dc import DiffusionClassifier
-
-        old, new = self.dc_candidates(batch.task)
-        x, ts, noise = self.dc_draw(batch.latents)
-        bb = self.ctx.backbone
-        clf = DiffusionClassifier(bb.unet, bb.scheduler, temperature=float(self.args.dc_temperature))
-        logits = clf.logits(x, bb.encode_prompt(old + new), ts, noise)
-        target = torch.full((x.shape[0],), len(old), dtype=torch.long, device=x.device)
-        return F.cross_entropy(logits.float(), target)
+    def dc_active(self) -> bool:
+        return self.hp.dc_delta > 0
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         l_diff = self.diffusion_loss(batch)
-        ce = self.dc_ce(batch) if self.args.dc_delta > 0 else torch.zeros((), device=l_diff.device)
+        ce = self.dc_ce(batch) if batch.dc is not None else torch.zeros((), device=l_diff.device)
         ewc = self.ewc_penalty()
-        return {"loss": l_diff + self.args.dc_delta * ce + ewc, "diff": l_diff, "dc_ce": ce, "ewc": ewc}
+        return {"loss": l_diff + self.hp.dc_delta * ce + ewc, "diff": l_diff, "dc_ce": ce, "ewc": ewc}
 
     def end_task(self, n: int) -> None:
         self.release_hooks()
         for layer in self.ctx.layers.values():
             layer.merge_adapter_(0)
         self.ewc_update(n)
+
+    def state_dict(self) -> dict:
+        return self.ewc_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_ewc_state(state)

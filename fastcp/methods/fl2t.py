@@ -38,13 +38,16 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcp.methods.base import Method, TaskBatch, register
+from fastcp.methods.base import Method, TaskBatch, draw_rows, register
+from fastcp.methods.hparams import FLOAT, NATURAL, NONNEG, POS, POSINT, hparam
 from fastcp.methods.separate import slot_gates
+from fastcp.models.noise import noisy_input_and_target
 
 
 class SetModule(nn.Module):
@@ -94,9 +97,31 @@ def per_layer_coef(layers: dict, coefs: list[torch.Tensor]):
             l.adapter_ids, l.coef = a, c
 
 
+@dataclass
+class FL2THyperparameters:
+    fl2t_set_size: int = hparam(1, NATURAL, "concepts learned concurrently per set (default 1 = each task a set, "
+                                "strictly continual; 0 = the whole sequence is one set, the paper's concurrent setting)")
+    fl2t_proxy_dim: int = hparam(64, POSINT, "width d of proxies in the set module (default 64)")
+    fl2t_heads: int = hparam(4, POSINT, "attention heads of the set module (default 4)")
+    fl2t_layers: int = hparam(1, POSINT, "encoder layers of the set module (default 1)")
+    fl2t_tau: float = hparam(0.1, POS, "InfoNCE temperature tau_c (default 0.1, CLIP-like)")
+    fl2t_nce_weight: float = hparam(0.1, NONNEG, "weight of the InfoNCE term (default 0.1: O(1) loss kept below "
+                                    "L_diff's influence)")
+    fl2t_keep_weight: float = hparam(10.0, NONNEG, "weight of the routing-keep term, the mean squared change of earlier "
+                                     "sets' per-layer coef (text only, no earlier images). Default 10: without it (0) "
+                                     "the shared set module learns to switch earlier adapters into old prompts while "
+                                     "fitting a new set (fidelity of earlier concepts fell from 1.0 to 0-0.25 in one of "
+                                     "3 seeds); 10 makes a gate drift of 0.15 cost about L_diff")
+    fl2t_gate_scale: float = hparam(1.0, FLOAT, "initial a_l of g = sigmoid(a_l s + c_l)")
+    fl2t_gate_bias: float = hparam(-2.0, FLOAT, "initial c_l (default -2: other concepts' adapters start mostly off, "
+                                   "g ~ 0.12)")
+    fl2t_learning_rate: float = hparam(1e-3, POS, "learning rate of the proxies and the set module (default 1e-3)")
+
+
 @register
 class FL2T(Method):
     name = "fl2t"
+    hyperparameters = FL2THyperparameters
     # A set's concepts are trained together, so the loop hands over every arrived concept's
     # images; only the current set's are used (earlier sets are never replayed).
     sees_all_concepts = True
@@ -106,17 +131,15 @@ class FL2T(Method):
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        a = self.args
+        a = self.hp
         self.set_size = int(a.fl2t_set_size) if a.fl2t_set_size else len(ctx.concepts)
-        if self.set_size < 1:
-            raise ValueError(f"--fl2t_set_size: expected >= 0, got {a.fl2t_set_size}")
         bb = ctx.backbone
         emb = bb.text_encoder.get_input_embeddings().weight
         self.token_ids = [bb.concept_tokens[c.token] for c in ctx.concepts]
         self.token_init = emb.detach()[self.token_ids].clone()
         dev = bb.device
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(a.seed) + 17)  # the module's init does not depend on the concepts
+            torch.manual_seed(int(self.args.seed) + 17)  # the module's init does not depend on the concepts
             self.module = SetModule(emb.shape[1], a.fl2t_proxy_dim, a.fl2t_heads, a.fl2t_layers, len(ctx.layers),
                                     a.fl2t_gate_scale, a.fl2t_gate_bias).to(dev)
         self.proxies = nn.Parameter(self.token_init.clone().float())
@@ -180,26 +203,30 @@ class FL2T(Method):
         self.proxies.requires_grad_(True)
         for p in self.module.parameters():
             p.requires_grad_(True)
-        a = self.args
         return [
-            {"params": [emb], "lr": a.token_learning_rate, "weight_decay": 0.0},
-            {"params": lora, "lr": a.learning_rate, "weight_decay": 0.0},
-            {"params": [self.proxies, *self.module.parameters()], "lr": a.fl2t_learning_rate, "weight_decay": 0.0},
+            {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0},
+            {"params": lora, "lr": self.args.learning_rate, "weight_decay": 0.0},
+            {"params": [self.proxies, *self.module.parameters()], "lr": self.hp.fl2t_learning_rate, "weight_decay": 0.0},
         ]
 
-    def sample_batch(self, n: int, latents: list[torch.Tensor], batch_size: int) -> TaskBatch:
+    def sample_batch(self, n: int, images: list, batch_size: int) -> TaskBatch:
         """Every arrived concept of the set in one batch, the same number of rows each
-        (max(1, batch_size // concepts)), images drawn from each concept's own generator."""
+        (max(1, batch_size // concepts)); images, noise and timesteps drawn from each concept's
+        own generator (so a batch does not depend on the order of the set's concepts)."""
         per = max(1, batch_size // len(self.active))
-        rows, prompts, ids = [], [], []
+        n_train = self.ctx.backbone.scheduler.config.num_train_timesteps
+        rows, prompts, ids, noise, t = [], [], [], [], []
         for k in self.active:
-            pool = latents[k]
-            idx = torch.randint(0, pool.shape[0], (per,), generator=self.gens[k])
-            rows.append(pool[idx])
+            idx = torch.randint(0, len(images[k]), (per,), generator=self.gens[k])
+            rows.append(draw_rows(images[k], idx, self.gens[k]))
             prompts += [self.ctx.concepts[k].prompt] * per
             ids += [k] * per
-        return TaskBatch(latents=torch.cat(rows), prompts=prompts, task=n,
-                         concept_ids=torch.tensor(ids, device=rows[0].device))
+        for k, x in zip(self.active, rows):
+            noise.append(torch.randn(x.shape, generator=self.gens[k]))
+            t.append(torch.randint(0, n_train, (per,), generator=self.gens[k]))
+        x = torch.cat(rows)
+        return TaskBatch(latents=x, prompts=prompts, task=n, concept_ids=torch.tensor(ids, device=x.device),
+                         noise=torch.cat(noise).to(x), timesteps=torch.cat(t).to(x.device))
 
     # ------------------------------------------------------------------ gating
     def prompt_embeddings(self, prompts: list[str], cond) -> torch.Tensor:
@@ -238,26 +265,18 @@ class FL2T(Method):
         cond = bb.encode_prompt(batch.prompts)
         e = self.prompt_embeddings(batch.prompts, cond)
         coefs, s = self.coefs(e, batch.concept_ids, batch.task)
-        nce = F.cross_entropy(s / self.args.fl2t_tau, batch.concept_ids)
-        # Noise and timesteps from each row's concept generator (order-independent batches).
-        sched = bb.scheduler
-        noise, t = [], []
-        for k in batch.concept_ids.unique_consecutive().tolist():
-            m = int((batch.concept_ids == k).sum())
-            noise.append(torch.randn((m, *batch.latents.shape[1:]), generator=self.gens[k]))
-            t.append(torch.randint(0, sched.config.num_train_timesteps, (m,), generator=self.gens[k]))
-        noise = torch.cat(noise).to(batch.latents)
-        t = torch.cat(t).to(batch.latents.device)
-        x_t = sched.add_noise(batch.latents, noise, t)
-        target = sched.get_velocity(batch.latents, noise, t) if bb.prediction_type == "v_prediction" else noise
+        nce = batch.share_of_mean(F.cross_entropy(s / self.hp.fl2t_tau, batch.concept_ids, reduction="sum"),
+                                  batch.global_rows)
+        x_t, target = noisy_input_and_target(bb.scheduler, batch.latents, batch.noise, batch.timesteps,
+                                             bb.prediction_type)
         with per_layer_coef(self.ctx.layers, [c.to(x_t.dtype) for c in coefs]):
-            pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
-        l_diff = F.mse_loss(pred.float(), target.float())
-        loss = l_diff + self.args.fl2t_nce_weight * nce
+            pred = bb.unet(x_t, batch.timesteps, **cond.unet_kwargs()).sample
+        l_diff = self.diffusion_loss_of(pred, target, batch)
+        loss = l_diff + self.hp.fl2t_nce_weight * nce
         out = {"diff": l_diff, "nce": nce}
         if self.keep_ref is not None:
             out["keep"] = F.mse_loss(self._earlier_coefs(self.keep_ref.shape[1], batch.task), self.keep_ref)
-            loss = loss + self.args.fl2t_keep_weight * out["keep"]
+            loss = loss + self.hp.fl2t_keep_weight * out["keep"]
         return {"loss": loss, **out}
 
     def end_task(self, n: int) -> None:
@@ -282,3 +301,34 @@ class FL2T(Method):
 
     def adapter_slot(self, n: int) -> int:
         return n
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        holder = getattr(self, "_holder", None)
+        if holder is None:  # the proxies join the DDP-wrapped model beside the set module
+            holder = self._holder = nn.Module()
+            holder.module = self.module
+            holder.proxies = self.proxies
+        return {"fl2t": holder}
+
+    def state_dict(self) -> dict:
+        state = {"module": self.module.state_dict(), "proxies": self.proxies.detach(), "done": self.done}
+        if self.module_at_set_start is not None:
+            state["module_at_set_start"] = self.module_at_set_start
+        if self.keep_ref is not None:
+            state["keep_ref"] = self.keep_ref
+        if getattr(self, "gens", None):  # inside a task: the per-concept generators' positions
+            state["gens"] = {str(k): g.get_state() for k, g in self.gens.items()}
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.proxies.device
+        self.module.load_state_dict(state["module"])
+        self.proxies.copy_(state["proxies"].to(dev))
+        self.done = int(state["done"])
+        if "module_at_set_start" in state:
+            self.module_at_set_start = {k: v.to(dev) for k, v in state["module_at_set_start"].items()}
+        self.keep_ref = state["keep_ref"].to(dev) if "keep_ref" in state else None
+        for k, g in state.get("gens", {}).items():
+            if int(k) in getattr(self, "gens", {}):
+                self.gens[int(k)].set_state(g)

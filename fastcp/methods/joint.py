@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcp.methods.base import Method, TaskBatch, register
+from fastcp.methods.base import Method, TaskBatch, draw_rows, register
 
 
 @register
@@ -30,12 +30,12 @@ class Joint(Method):
         tokens = {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0}
         return [tokens, self.lora_param_group(0)]
 
-    def sample_batch(self, n: int, latents: list[torch.Tensor], batch_size: int) -> TaskBatch:
+    def sample_batch(self, n: int, images: list, batch_size: int) -> TaskBatch:
         gen = self.ctx.generator
         cids = torch.randint(0, n + 1, (batch_size,), generator=gen)
         rows, prompts = [], []
         for c in cids.tolist():
-            pool = latents[c]
-            rows.append(pool[torch.randint(0, pool.shape[0], (1,), generator=gen)])
+            pool = images[c]
+            rows.append(draw_rows(pool, torch.randint(0, len(pool), (1,), generator=gen), gen))
             prompts.append(self.ctx.concepts[c].prompt)
         return TaskBatch(latents=torch.cat(rows), prompts=prompts, task=n, concept_ids=cids)

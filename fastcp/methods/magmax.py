@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from fastcp import ops
 from fastcp.methods.base import Method, register
+from fastcp.methods.hparams import FRACTION, hparam
 
 
 def topk_mask(tau: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -33,16 +36,21 @@ def topk_mask(tau: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask.view_as(tau)
 
 
+@dataclass
+class MagMaxHyperparameters:
+    mask_topk: float = hparam(1.0, FRACTION, "keep only this top fraction of |tau_n| per layer before the "
+                              "max-magnitude merge (default 1.0 = plain MagMax; the selective update of Deja et al. "
+                              "uses e.g. 0.1)")
+
+
 @register
 class MagMax(Method):
     name = "magmax"
+    hyperparameters = MagMaxHyperparameters
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        p = float(getattr(self.args, "mask_topk", 1.0))
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"--mask_topk: expected 0 < p <= 1, got {p}")
-        self.mask_topk = p
+        self.mask_topk = float(self.hp.mask_topk)
         self.w0 = {n: l.base.weight.detach().float().clone() for n, l in ctx.layers.items()}
         self.tau: dict[str, torch.Tensor] = {}
 
@@ -58,3 +66,10 @@ class MagMax(Method):
             w = layer.base.weight
             w.copy_((self.w0[name] + self.tau[name]).to(w.dtype))
             layer.reset_adapter(0, rank=int(layer.ranks[0]), alpha=float(layer.scaling[0] * layer.ranks[0]))
+
+    def state_dict(self) -> dict:
+        return {"tau": dict(self.tau)}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.ctx.backbone.device
+        self.tau = {n: v.to(dev) for n, v in state["tau"].items()}

@@ -84,3 +84,10 @@ class Ortho(Merge):
                 prev = self.previous_a.get(name)
                 self.previous_a[name] = a if prev is None else torch.cat([prev, a])
         super().end_task(n)
+
+    def state_dict(self) -> dict:
+        return {"previous_a": dict(self.previous_a)}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.ctx.backbone.device
+        self.previous_a = {n: v.to(dev) for n, v in state["previous_a"].items()}

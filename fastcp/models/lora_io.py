@@ -8,34 +8,24 @@
 - ``learned_embeds.safetensors``: concept-token embeddings ({token: [D]}), diffusers'
   textual-inversion format (``pipeline.load_textual_inversion``).
 
-Writes are atomic (temporary file + ``os.replace``).
+Writes are atomic (``fastcp.files``).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fastcp.files import atomic_save_safetensors
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 EMBEDS_NAME = "learned_embeds.safetensors"
 
 
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(tensors, path, metadata)
 
 
 def _weights_path(path: str | os.PathLike) -> Path:

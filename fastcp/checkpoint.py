@@ -35,8 +35,7 @@ from fastcp.files import atomic_save_safetensors, atomic_write_json
 
 #: training arguments that decide the result (plus the method's own hyperparameters, see ``fingerprint``)
 FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "token_init", "learning_rate",
-                    "token_learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                    "num_processes", "seed", "pretrained_model_name_or_path", "resolution", "center_crop", "random_flip",
+                    "token_learning_rate", "max_train_steps", "seed", "pretrained_model_name_or_path", "resolution", "center_crop", "random_flip",
                     "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
                     "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma", "noise_offset",
                     "with_prior_preservation", "prior_loss_weight", "num_class_images", "mixed_precision")
@@ -50,8 +49,12 @@ class CheckpointError(ValueError):
 
 def fingerprint(args, concepts, method) -> dict:
     """The arguments that decide a run's result: training flags, the method's hyperparameters and
-    the concept sequence. Resuming with any of them changed is refused."""
+    the concept sequence. Resuming with any of them changed is refused. The batch enters as the
+    global batch (processes × accumulation × per-process batch): a run may resume on another
+    number of GPUs with the same global batch and gives the same result."""
     fp = {k: getattr(args, k, None) for k in FINGERPRINT_ARGS}
+    fp["global_batch_size"] = (int(args.train_batch_size) * int(getattr(args, "gradient_accumulation_steps", 1))
+                               * int(getattr(args, "num_processes", 1)))
     fp["pretrained_model_name_or_path"] = str(fp["pretrained_model_name_or_path"])
     fp.update({f"hp.{k}": v for k, v in dataclasses.asdict(method.hp).items()})
     fp["concepts"] = [c.name for c in concepts]

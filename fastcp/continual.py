@@ -251,7 +251,7 @@ class ContinualTrainer:
         self.log(f"resuming from {path}: task {self.start_task + 1}, step {step}")
 
     # ------------------------------------------------------------------ one task
-    def _task_images(self, n: int):
+    def task_images(self, n: int):
         """(images, class images) per concept the method may see at task n (None elsewhere)."""
         from fastcp.data.images import TrainImages
 
@@ -301,7 +301,7 @@ class ContinualTrainer:
             acc.load_state(str(r["path"]))
             checkpoint.load_rng_state(self.gen, r["rng"])
             first_step, losses = r["run"]["step"], list(r["run"]["losses"])
-        images, classes = self._task_images(n)
+        images, classes = self.task_images(n)
         params = [p for g in groups for p in g["params"]]
         every = getattr(a, "checkpointing_steps", None)
         bar = tqdm(range(first_step, a.max_train_steps), desc=f"task {n + 1}/{len(self.concepts)} {concept.name}",

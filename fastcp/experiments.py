@@ -170,11 +170,9 @@ def profile(argv: list[str]) -> int:
 
     import torch
 
-    from fastcp.continual import run_continual  # noqa: F401  (same imports as a run)
+    from fastcp.continual import ContinualTrainer
     from fastcp.data.concepts import embedded_sequence
-    from fastcp.methods import Context, get_method
     from fastcp.models import load_backbone
-    from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
     from fastcp import train
 
     p = argparse.ArgumentParser(prog="python -m fastcp.experiments profile")
@@ -186,17 +184,10 @@ def profile(argv: list[str]) -> int:
     report = {}
     for name in args.methods.split(","):
         targs = train.build_parser().parse_args(["--output_dir", "unused", "--method", name, *rest])
-        targs.lora_alpha = float(targs.rank)
-        bb = load_backbone("tiny")
-        concepts = embedded_sequence(args.task + 1, seed=0)
-        m = get_method(name)(targs)
-        layers = inject_multi_lora(bb.unet, num_adapters=m.slots_needed(len(concepts)), rank=targs.rank,
-                                   alpha=targs.lora_alpha, targets=tuple(m.lora_targets) + FEEDFORWARD_TARGETS)
-        gen = torch.Generator().manual_seed(0)
-        for c in concepts:
-            bb.add_concept_token(c.token, init_word=c.class_word, generator=gen)
-        bb.text_encoder.requires_grad_(False)
-        m.setup(Context(backbone=bb, layers=layers, concepts=concepts, args=targs, generator=gen))
+        # the run's own setup (accelerate, LoRA injection, tokens, method), as python -m fastcp.train does it
+        trainer = ContinualTrainer(targs, load_backbone("tiny"), embedded_sequence(args.task + 1, seed=0))
+        trainer.setup()
+        m = trainer.method
         t_end = []
         for n in range(args.task):
             m.begin_task(n)
@@ -205,7 +196,7 @@ def profile(argv: list[str]) -> int:
             m.end_task(n)
             t_end.append(time.perf_counter() - t0)
         m.begin_task(args.task)
-        latents = [bb.encode_images(c.train_images) for c in concepts]
+        images, classes = trainer.task_images(args.task)
         parts: dict[str, list[float]] = {}
 
         def timed(key, fn):
@@ -215,7 +206,7 @@ def profile(argv: list[str]) -> int:
             parts.setdefault(key, []).append(time.perf_counter() - t0)
 
         for _ in range(args.steps + 1):  # the first step is warm-up
-            batch = m.sample_batch(args.task, latents, targs.train_batch_size)
+            batch = m.draw_step(args.task, images, targs.train_batch_size, classes)
             timed("step (loss fwd+bwd)", lambda: m.loss(batch)["loss"])
             timed("L_diff fwd+bwd", lambda: m.diffusion_loss(batch))
             if hasattr(m, "dsc_pass"):

@@ -64,3 +64,34 @@ def test_resume_refuses_a_different_run(tmp_path):
     missing = subprocess.run(cli(tmp_path / "none", "--resume_from_checkpoint", "latest"), capture_output=True,
                              text=True, timeout=600, cwd=tmp_path)
     assert missing.returncode == 2 and "no checkpoint in" in missing.stderr
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_resume_refuses_a_planted_pickle_payload_without_running_it(tmp_path):
+    import pickle
+
+    out = tmp_path / "o"
+    first = subprocess.run(cli(out, "--max_concepts", "1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (out / "results.json").unlink()
+    latest = max((out / "checkpoints").glob("checkpoint-*"))
+    pickled = [p for p in latest.iterdir() if p.suffix in (".bin", ".pkl", ".pt")]
+    assert pickled, "accelerate's state files are expected in the checkpoint"
+    marker = tmp_path / "payload_ran"
+    for p in pickled:
+        p.write_bytes(pickle.dumps(_Payload(marker)))
+    resumed = subprocess.run(cli(out, "--max_concepts", "1", "--resume_from_checkpoint", "latest"),
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 2
+    err = resumed.stderr.strip().splitlines()
+    assert len(err) == 1 and "holds pickled objects that could run code; refusing to load it" in err[0], err
+    assert not marker.exists()

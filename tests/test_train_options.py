@@ -49,13 +49,14 @@ def test_bf16_autocast_and_tensorboard(tmp_path):
     assert all(torch.isfinite(t).all() for t in adapter(out).values())
 
 
-@pytest.mark.parametrize("flag,module", [("--use_8bit_adam", "bitsandbytes"),
-                                         ("--enable_xformers_memory_efficient_attention", "xformers")])
+@pytest.mark.parametrize("flag,module", [(["--use_8bit_adam"], "bitsandbytes"),
+                                         (["--enable_xformers_memory_efficient_attention"], "xformers"),
+                                         (["--report_to", "wandb"], "wandb")])
 def test_missing_optional_package_is_a_clean_error(tmp_path, flag, module):
     if importlib.util.find_spec(module) is not None:  # installed (a GPU machine): the flag must then work
-        p = run(tmp_path / "o", flag)
+        p = run(tmp_path / "o", *flag)
         assert p.returncode == 0 or "CUDA" in p.stderr, p.stderr[-2000:]
         return
-    p = run(tmp_path / "o", flag)
+    p = run(tmp_path / "o", *flag)
     assert p.returncode == 2 and f"needs the {module} package" in p.stderr
     assert not (tmp_path / "o").exists()

@@ -189,12 +189,16 @@ def refuse_unsafe_files(path: Path) -> None:
     """Open every pickle-based file of a checkpoint with ``torch.load(weights_only=True)`` (numpy
     RNG states allowed, as accelerate does); raise CheckpointError at the first one that needs
     arbitrary objects. Nothing in a refused file runs."""
+    import warnings
+
     from accelerate.utils import load as safe_load
 
     for f in sorted(path.iterdir()):
         if f.suffix in _PICKLED:
             try:
-                safe_load(f, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's notes about the file's pickle protocol
+                    warnings.simplefilter("ignore")
+                    safe_load(f, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise CheckpointError(f"checkpoint {path}: {f.name} holds pickled objects that could run code "
                                       f"({type(exc).__name__}); refusing to load it") from None

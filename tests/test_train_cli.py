@@ -46,6 +46,9 @@ def test_two_task_smoke_run_writes_every_file(tmp_path):
         assert (out / f"task_{n:02d}_{name}" / "pytorch_lora_weights.safetensors").is_file()
         assert (out / f"task_{n:02d}_{name}" / "learned_embeds.safetensors").is_file()
     assert "forgetting" in proc.stdout  # the summary table
+    log = json.loads((out / "train_log.json").read_text())["tasks"]
+    assert [t["device"] for t in log] == ["cpu", "cpu"]  # accelerator.device: the GPU where there is one
+    assert all(t["seconds_per_step"] > 0 and t["peak_memory_gb"] == 0.0 and t["num_processes"] == 1 for t in log)
     # A second run into the same folder refuses instead of overwriting finished work.
     again = run_cli("--output_dir", out, "--max_concepts", "1", *TINY, cwd=tmp_path)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr

@@ -51,7 +51,7 @@ def test_warmup_starts_from_a_zero_learning_rate(tmp_path):
 
 
 def test_weight_decay_with_several_adapter_slots_is_refused(tmp_path, capsys):
-    assert train.main(["--output_dir", str(tmp_path / "o"), *TINY, "--method", "separate",
+    assert train.main(["--output_dir", str(tmp_path / "o"), *TINY, "--max_concepts", "2", "--method", "separate",
                        "--adam_weight_decay", "0.1"]) == 2
     assert "--adam_weight_decay 0.1: this method keeps" in capsys.readouterr().err
 

@@ -84,7 +84,8 @@ class ContinualEvaluator:
         self.last_samples: dict[int, torch.Tensor] = {}
         n_train = backbone.scheduler.config.num_train_timesteps
         g = torch.Generator().manual_seed(seed + 101)
-        shape = backbone.latent_shape
+        # the training resolution (``--resolution``), which may differ from the model's sample size
+        shape = backbone.latent_shape_at(concepts[0].eval_images.shape[-1])
         # Fixed (t, ε) for the held-out loss: evenly spread timesteps, one noise per (image, t).
         self.holdout_t = torch.linspace(50, n_train - 50, holdout_timesteps).long()
         self.holdout_noise = [torch.randn(len(c.eval_images), holdout_timesteps, *shape, generator=g) for c in concepts]

@@ -209,6 +209,11 @@ class Backbone:
         s = s[0] if isinstance(s, (tuple, list)) else s
         return (self.unet.config.in_channels, s, s)
 
+    def latent_shape_at(self, pixels: int) -> tuple[int, int, int]:
+        """Latent shape of a square image of ``pixels`` per side (``--resolution``)."""
+        s = pixels // self.vae_scale_factor
+        return (self.unet.config.in_channels, s, s)
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 3.0,

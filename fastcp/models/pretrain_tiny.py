@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fastcp.data import synthetic as world
 from fastcp.eval.judge import Judge
 from fastcp.models.backbone import TINY_DIR
+from fastcp.models.noise import noisy_input_and_target
 from fastcp.models.tiny import build_tiny_backbone
 
 
@@ -108,10 +109,10 @@ def pretrain_backbone(steps: int, batch_size: int, lr: float, seed: int, pool: i
         caps = ["" if rng.random() < 0.1 else captions[i] for i in idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (batch_size,), generator=gen)
-        xt = bb.scheduler.add_noise(x0, noise, t)
+        xt, target = noisy_input_and_target(bb.scheduler, x0, noise, t, bb.prediction_type)
         cond = bb.encode_prompt(caps)
         pred = unet(xt, t, encoder_hidden_states=cond.encoder_hidden_states).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -24,6 +24,7 @@ the one big batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,12 @@ def make_accelerator(args):
 
     report_to = getattr(args, "report_to", "none")
     out = Path(args.output_dir)
+    # Several processes and no GPU (CI, a CPU cluster): accelerate joins them over gloo only when
+    # told to use the CPU; otherwise each would train alone.
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
     return Accelerator(
+        cpu=cpu_processes,
         mixed_precision=getattr(args, "mixed_precision", None),
         gradient_accumulation_steps=int(getattr(args, "gradient_accumulation_steps", 1)),
         log_with=None if report_to in (None, "none") else report_to,
@@ -421,7 +427,8 @@ class ContinualTrainer:
             report.save_sample_grid(self.evaluator.samples_for_grid(), self.names, self.out / "samples.png")
             atomic_write_json(self.out / "results.json", results)
         acc.wait_for_everyone()
-        acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): that also takes the process group down,
+            tracker.finish()          # and a process may run several trainings (experiments, tests)
         table = report.format_table(summary, self.names) if acc.is_main_process else ""
         return RunResult(results=results, table=table, output_dir=self.out, task_seconds=self.task_seconds)
 

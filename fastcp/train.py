@@ -269,5 +269,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``python -m fastcp.train`` / ``fastcp-train``: one run, then the process group (if any) is
+    taken down, as a process launched by torchrun/accelerate should before it exits."""
+    rc = main()
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        PartialState().destroy_process_group()
+    return rc
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

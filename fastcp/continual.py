@@ -108,7 +108,10 @@ def configure_backbone(bb, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "gradient_checkpointing", False):
-        bb.unet.enable_gradient_checkpointing()
+        from fastcp.nn.checkpointing import checkpoint_with_routing
+
+        # the recomputation in backward must see the routing of the forward (fastcp.nn.checkpointing)
+        bb.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_routing)
     if getattr(args, "enable_xformers_memory_efficient_attention", False):
         bb.unet.enable_xformers_memory_efficient_attention()
 

@@ -143,3 +143,12 @@ def test_exif_orientation_is_applied(tmp_path):
     assert full[0].shape == (3, 8, 4)
     assert full[0][0, :4].mean() > 0.8 and full[0][1, :4].mean() < -0.8 and full[0][1, 4:].mean() > 0.8
     assert x.shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("method", ["dsc", "fl2t"])
+def test_gradient_checkpointing_keeps_the_routing_of_the_forward(tmp_path, method):
+    """dsc (teacher rows through coef, the DC cross-attention processor) and fl2t (per-layer coef)
+    set their routing for the duration of a call; the recomputation in backward must see it."""
+    flags = ["--method", method, "--max_concepts", "2", "--dc_images", "2"]
+    plain = run(tmp_path, "plain", *flags)
+    assert max_diff(plain, run(tmp_path, "gc", *flags, "--gradient_checkpointing")) < 1e-6

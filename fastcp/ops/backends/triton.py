@@ -81,10 +81,11 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
     R = r if routed else K * r
     A, Bm = lora_a, lora_b
     need_dcoef = need_dcoef and coef is not None and not routed
-    none = x.new_empty(0)
+    # a gradient not asked for is a fresh empty [0] tensor (outputs of a custom op must not alias)
+    none = lambda: x.new_empty(0)  # noqa: E731
     # empty is enough: the reductions write every element, zeros for an adapter with no rows
     db = torch.empty_like(Bm) if need_db else None
-    dx = da = dcoef = none
+    dx, da, dcoef = none(), none(), none()
     if need_dx or need_da or need_db or need_dcoef:
         U0, db_done, dg = k.dy_pass(dy, Bm, S, scale, coef, segs, R, r, db=db, num_adapters=K, with_dg=need_dcoef)
         if need_db and not db_done:
@@ -99,7 +100,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
             k.outer(U0, x, scale, coef, segs, da, (da.stride(0), da.stride(2), da.stride(1)), IN, R, r)
         if need_dcoef:
             dcoef = dg.view(B, L, K).sum(1).to(coef.dtype)
-    return dx, da, db if db is not None else none, dcoef
+    return dx, da, db if db is not None else none(), dcoef
 
 
 def _fake_forward(x, weight, bias, lora_a, lora_b, scale, order, bounds, coef, rows_per_sample, routed):
@@ -110,10 +111,10 @@ def _fake_forward(x, weight, bias, lora_a, lora_b, scale, order, bounds, coef, r
 
 def _fake_backward(dy, x, weight, lora_a, lora_b, scale, S, order, bounds, coef, rows_per_sample, routed,
                    need_dx, need_da, need_db, need_dcoef):
-    none = x.new_empty(0)
     need_dcoef = need_dcoef and coef is not None and not routed
-    return (x.new_empty(x.shape) if need_dx else none, lora_a.new_empty(lora_a.shape) if need_da else none,
-            lora_b.new_empty(lora_b.shape) if need_db else none, coef.new_empty(coef.shape) if need_dcoef else none)
+    return (x.new_empty(x.shape if need_dx else (0,)), lora_a.new_empty(lora_a.shape if need_da else (0,)),
+            lora_b.new_empty(lora_b.shape if need_db else (0,)),
+            coef.new_empty(coef.shape) if need_dcoef else x.new_empty(0))
 
 
 def _register():

@@ -170,7 +170,7 @@ def lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 @contextlib.contextmanager
 def lora_routing(model_or_layers, *, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None,
-                 enabled: bool = True, presorted: bool = False):
+                 enabled: bool = True, presorted: bool = False, plans: dict | None = None):
     """Route samples to adapter slots in every MultiLoRALinear of a model for the duration.
 
     adapter_ids [B] long (-1 = base only) or coef [B, K]; both None = all slots on.
@@ -179,19 +179,28 @@ def lora_routing(model_or_layers, *, adapter_ids: torch.Tensor | None = None, co
     Builds the routing plan once (per distinct slot count K among the layers; usually one) on the
     ids' / coef's device: ids are validated and grouped here, not in every layer. ``presorted=True``
     promises ids grouped in ascending order with -1 last (see ``fastcp.ops.routing_plan``).
-    Yields the plans by K ({K: RoutingPlan}).
+    Yields the plans by K ({K: RoutingPlan}); pass them back as ``plans=`` to reuse them for the
+    same routing on other layers (the DC engine's K/V projections do) instead of building again.
     """
     layers: Iterable[MultiLoRALinear]
     if isinstance(model_or_layers, nn.Module):
         layers = list(lora_layers(model_or_layers).values())
     else:
         layers = list(model_or_layers)
+    reuse = plans or {}
     plans: dict[int, RoutingPlan] = {}
+
+    def plans_given(K):
+        p = reuse.get(K)
+        return p if p is not None and p.source[0] is adapter_ids and p.source[1] is coef else None  # identity: no sync
+
     if enabled and (adapter_ids is not None or coef is not None):
         batch = adapter_ids.shape[0] if adapter_ids is not None else coef.shape[0]
         for l in layers:
             K = l.num_adapters
-            if K not in plans:
+            if K not in plans and plans_given(K) is not None:
+                plans[K] = plans_given(K)
+            elif K not in plans:
                 plans[K] = routing_plan(batch, K, adapter_ids=adapter_ids, coef=coef, presorted=presorted)
     saved = [(l._adapter_ids, l._coef, l.enabled, l.plan) for l in layers]
     try:

@@ -119,7 +119,7 @@ class MultiLoRALinear(nn.Module):
             else:
                 adapter_ids, coef = self._adapter_ids, self._coef
         weight, bias, lora_a, lora_b = self.base.weight, self.base.bias, self.lora_a, self.lora_b
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             # Like nn.Linear under autocast: compute in the autocast dtype, keep fp32 parameters
             # (the casts are differentiable, so gradients reach them in fp32). coef keeps its dtype:
             # the kernels read it per sample and accumulate in fp32.

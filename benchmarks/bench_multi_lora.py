@@ -202,7 +202,7 @@ def goal_rows(rows: list[dict], meta: dict) -> list[dict]:
             ref = idx.get((shape, "k1", "bare_gemm", mode, timing))
             limit = 1.10 if r["in"] >= 1280 and r["out"] >= 1280 else 1.35
             if ref is not None:
-                out.append({"op": "goal", "goal": "fused K=1 fwd+bwd (W frozen) / frozen base", "case": "k1",
+                out.append({"op": "goal", "goal": "fused K=1 fwd+bwd, W frozen / frozen base", "case": "k1",
                             "provider": prov, "mode": mode, "timing": timing, "shape": shape,
                             "ratio": round(r["p50_ms"] / ref["p50_ms"], 3), "limit": limit, **meta})
     for r in rows:  # peft's mixed batch against fastcp's routed path (the baseline the goal names, ≥ 5× slower)

@@ -30,5 +30,5 @@ def test_bench_multi_lora_quick(tmp_path):
             for goal in ("routed / single", "routed_unsorted / single", "dense / stacked", "peft mixed batch / routed"):
                 assert (goal, prov, mode) in names, (goal, prov, mode)
         assert ("fused K=1 fwd / bare GEMM", prov, "fwd") in names
-        assert ("fused K=1 fwd+bwd (W frozen) / frozen base", prov, "fwd+bwd") in names
+        assert ("fused K=1 fwd+bwd, W frozen / frozen base", prov, "fwd+bwd") in names
     assert all(g["ratio"] > 0 for g in goals)

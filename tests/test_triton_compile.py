@@ -9,6 +9,9 @@ multiples of 16 marked divisible, ints equal to 1 turned into constants). Routed
 autotune candidate, dense ones (K·r = 256, the largest tiles) the first two; for each variant at least one
 candidate must fit the H100's shared memory (autotune skips the others).
 
+A second check runs the GPU registration itself (``triton_op`` bodies with ``wrap_triton`` launches) on fake
+CUDA tensors, as torch.compile's tracing does, for output shapes and dtypes.
+
 The compile runs in a subprocess: with TRITON_INTERPRET=1 (set for the other tests) @triton.jit returns
 interpreter functions that cannot be compiled.
 """
@@ -45,6 +48,7 @@ def _record_launches(dtype_name: str) -> list[tuple[str, dict, dict]]:
                 return run
         return _Grid()
 
+    tb._register()  # binds the kernels module the op bodies use (and defines the ops, as on a GPU: triton_op)
     K._launch = recorder
     dtype = getattr(torch, dtype_name)
     B, L, IN, OUT, Kn, r = 4, 64, 640, 640, 16, 16
@@ -136,5 +140,47 @@ def test_every_launched_kernel_variant_compiles_for_sm90_with_alignment():
         assert min(sizes) <= H100_SMEM, f"{variant}: no candidate fits the H100's shared memory: {sizes}"
 
 
+def _fake_trace() -> list:
+    """The GPU registration (``triton_op`` + ``wrap_triton``) run on fake CUDA tensors: what torch.compile's
+    tracing does with the op bodies. Returns [[shape, dtype] of every output] for a routed and a dense call."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from fastcp.ops.backends import triton as tb
+
+    tb._register()
+    B, L, IN, OUT, K, r = 4, 64, 640, 320, 16, 16
+    mode = FakeTensorMode()
+
+    def fk(*shape, dtype=torch.bfloat16):
+        return FakeTensor(mode, torch.empty(*shape, dtype=dtype, device="meta"), torch.device("cuda"))
+
+    out = []
+    with mode:
+        x, W, b, A, Bm = fk(B * L, IN), fk(OUT, IN), fk(OUT), fk(K, r, IN), fk(K, OUT, r)
+        scale, order = fk(K, dtype=torch.float32), fk(B, dtype=torch.int32)
+        for routed, coef, bounds in ((True, None, fk(K + 2, dtype=torch.int32)), (False, fk(B, K), fk(2, dtype=torch.int32))):
+            y, S = torch.ops.fastcp.lora_triton_forward(x, W, b, A, Bm, scale, order if routed else None, bounds, coef, L,
+                                                        routed)
+            grads = torch.ops.fastcp.lora_triton_backward(y, x, W, A, Bm, scale, S, order if routed else None, bounds,
+                                                          coef, L, routed, True, True, True, coef is not None)
+            out.append([[list(t.shape), str(t.dtype), str(t.device)] for t in (y, S, *grads)])
+    return out
+
+
+def test_gpu_registration_traces_on_fake_cuda_tensors():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-P", __file__, "fake"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    routed, dense = json.loads(res.stdout.strip().splitlines()[-1])
+    bf16, f32 = "torch.bfloat16", "torch.float32"
+    assert routed == [[[256, 320], bf16, "cuda:0"], [[256, 16], f32, "cuda:0"], [[256, 640], bf16, "cuda:0"],
+                      [[16, 16, 640], bf16, "cuda:0"], [[16, 320, 16], bf16, "cuda:0"], [[0], bf16, "cuda:0"]]
+    assert dense[1][0] == [256, 256] and dense[-1][0] == [4, 16]  # S of rank K·r; dcoef per sample
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile_all(sys.argv[1] if len(sys.argv) > 1 else "bfloat16")))
+    if sys.argv[1:] == ["fake"]:
+        print(json.dumps(_fake_trace()))
+    else:
+        print(json.dumps(_compile_all(sys.argv[1] if len(sys.argv) > 1 else "bfloat16")))

@@ -47,11 +47,12 @@ def prefix_flops(unet, sample_shape, encoder_hidden_states_shape) -> dict:
     """FLOPs of one UNet pass (one row) and of its shareable prefix, counted on the meta device (no
     compute, any size): {"total": int, "prefix": int, "fraction": prefix / total}. What sharing the
     prefix across K concepts saves is (1 − 1/K) · fraction of the engine's FLOPs."""
-    import copy
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    meta = copy.deepcopy(unet).to("meta") if next(unet.parameters()).device.type != "meta" else unet
+    # a fresh copy of the architecture on the meta device: no memory, no compute (LoRA layers, if any,
+    # are left out: they add r/in of a projection's FLOPs)
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
     x = torch.zeros(1, *sample_shape, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     ehs = torch.zeros(1, *encoder_hidden_states_shape, device="meta")

@@ -36,6 +36,9 @@ from torch import Tensor
 from fastcp.ops.backends.base import Backend, DispatchKey, LoraProblem, common_refusals
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fastcp.kernels.multi_lora, bound once by _register(): the op bodies (traced by torch.compile on a GPU)
+# then read a module global instead of executing an import statement
+_K = None
 
 
 def _interpreting() -> bool:
@@ -51,8 +54,7 @@ def _segments(k, order, bounds, K, B, L, routed):
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
                   order: Optional[Tensor], bounds: Tensor, coef: Optional[Tensor], rows_per_sample: int,
                   routed: bool) -> tuple[Tensor, Tensor]:
-    from fastcp.kernels import multi_lora as k
-
+    k = _K
     M, IN = x.shape
     OUT = weight.shape[0]
     K, r = lora_a.shape[0], lora_a.shape[1]
@@ -70,8 +72,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
                    order: Optional[Tensor], bounds: Tensor, coef: Optional[Tensor], rows_per_sample: int, routed: bool,
                    need_dx: bool, need_da: bool, need_db: bool, need_dcoef: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastcp.kernels import multi_lora as k
-
+    k = _K
     M, IN = x.shape
     OUT = weight.shape[0]
     K, r = lora_a.shape[0], lora_a.shape[1]
@@ -119,8 +120,12 @@ def _fake_backward(dy, x, weight, lora_a, lora_b, scale, S, order, bounds, coef,
 
 def _register():
     """Define fastcp::lora_triton_forward/backward (once per process) with fake kernels and autograd."""
+    global _K
     if getattr(_register, "done", False):
         return
+    from fastcp.kernels import multi_lora
+
+    _K = multi_lora
     if _interpreting():
         fwd = torch.library.custom_op("fastcp::lora_triton_forward", mutates_args=())(_forward_impl)
         bwd = torch.library.custom_op("fastcp::lora_triton_backward", mutates_args=())(_backward_impl)

@@ -144,6 +144,21 @@ def routing_plan(batch: int, num_adapters: int, *, adapter_ids: Tensor | None = 
     return RoutingPlan("all", B, K, _whole(B, dev))
 
 
+_WHOLE: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def _whole(B: int, device) -> Tensor:
-    # (0, B) without a host→device copy: arange is generated on the device
-    return torch.arange(2, dtype=torch.int32, device=device) * B
+    """bounds (0, B) of the one segment of all / dense plans, generated on the device (no host→device
+    copy) and cached per (B, device): a layer without routing builds its plan for free. Not cached while
+    torch.compile traces (a traced value must not leak into a global) or while a CUDA graph is captured
+    (its memory belongs to the graph's pool)."""
+    device = torch.device(device)
+    key = (int(B), device)
+    t = _WHOLE.get(key)
+    if t is not None:
+        return t
+    t = torch.arange(2, dtype=torch.int32, device=device) * B
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and len(_WHOLE) < 256:
+        _WHOLE[key] = t
+    return t

@@ -23,7 +23,7 @@ from fastcp import checkpoint
 from fastcp.eval import report
 from fastcp.eval.metrics import METRICS, ContinualEvaluator
 from fastcp.methods import Context, get_method
-from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
+from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora, routing_safe_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -107,7 +107,7 @@ def configure_backbone(bb, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "gradient_checkpointing", False):
-        bb.unet.enable_gradient_checkpointing()
+        bb.unet.enable_gradient_checkpointing(routing_safe_checkpoint(bb.unet))  # hot-path branch: recompute under the forward's routing
     if getattr(args, "enable_xformers_memory_efficient_attention", False):
         bb.unet.enable_xformers_memory_efficient_attention()
 

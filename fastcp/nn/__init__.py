@@ -7,9 +7,10 @@ from fastcp.nn.multi_lora import (
     inject_multi_lora,
     lora_layers,
     lora_routing,
+    routing_safe_checkpoint,
 )
 
 __all__ = [
     "ATTENTION_TARGETS", "CROSS_KV_TARGETS", "FEEDFORWARD_TARGETS",
-    "MultiLoRALinear", "inject_multi_lora", "lora_layers", "lora_routing",
+    "MultiLoRALinear", "inject_multi_lora", "lora_layers", "lora_routing", "routing_safe_checkpoint",
 ]

@@ -211,3 +211,65 @@ def lora_routing(model_or_layers, *, adapter_ids: torch.Tensor | None = None, co
     finally:
         for l, (a, c, e, p) in zip(layers, saved):
             l._adapter_ids, l._coef, l.enabled, l.plan = a, c, e, p
+
+
+_PROCESSOR_STATE = ("row_concept", "concept_adapter_ids")
+
+
+def routing_safe_checkpoint(model: nn.Module):
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that recomputes a
+    block under the routing its forward ran with.
+
+    Why: activation checkpointing recomputes a block's forward during backward, and the backward usually
+    runs after ``lora_routing`` / ``fastcp.dc.cached_cross_attention`` have exited. With the default
+    checkpoint function the recompute then sees the layers' restored routing (wrong LoRA gradients, silently)
+    and the restored attention processors (a crash, for the DC engine's compact K/V conditioning). This one
+    snapshots every MultiLoRALinear's routing (ids, coef, enabled, plan) and every attention module's
+    processor (with a K/V-cache processor's per-call state) when the block runs forward, and reinstates that
+    snapshot around the recompute (``torch.utils.checkpoint``'s ``context_fn``; RNG and autocast are restored by
+    checkpoint itself). Usage::
+
+        unet.enable_gradient_checkpointing(routing_safe_checkpoint(unet))
+    """
+    import torch.utils.checkpoint as ckpt
+
+    found: dict = {}  # looked up at the first checkpointed call: LoRA may be injected after this is built
+
+    def modules():
+        if not found:
+            found["layers"] = list(lora_layers(model).values())
+            found["attn"] = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+        return found["layers"], found["attn"]
+
+    def snapshot():
+        layers, attn = modules()
+        procs = []
+        for m in attn:
+            p = m.processor
+            procs.append((m, p, {a: getattr(p, a) for a in _PROCESSOR_STATE if hasattr(p, a)}))
+        return [(l, l._adapter_ids, l._coef, l.enabled, l.plan) for l in layers], procs
+
+    def apply(state):
+        for l, a, c, e, p in state[0]:
+            l._adapter_ids, l._coef, l.enabled, l.plan = a, c, e, p
+        for m, p, attrs in state[1]:
+            if m.processor is not p:
+                m.processor = p  # plain attribute swap: set_processor would also log and re-register modules
+            for a, v in attrs.items():
+                setattr(p, a, v)
+
+    @contextlib.contextmanager
+    def reinstated(state):
+        now = snapshot()
+        apply(state)
+        try:
+            yield
+        finally:
+            apply(now)
+
+    def checkpoint(module, *args):
+        state = snapshot()
+        return ckpt.checkpoint(module.__call__, *args, use_reentrant=False,
+                               context_fn=lambda: (contextlib.nullcontext(), reinstated(state)))
+
+    return checkpoint

@@ -4,11 +4,13 @@
     python benchmarks/bench_dc.py --sd15     # GPU: SD 1.5 UNet architecture (random weights), bf16, 64x64 latents
 
 Providers: ``loop`` (one UNet call per row, ``fastcp.dc.errors_loop``), ``batched_plain`` (rows
-batched, nothing shared), ``batched_no_kv`` (+ prompt-independent first blocks once per (image,
+batched, nothing shared: plain diffusers batching of the UNet), ``batched_no_kv`` (+ prompt-independent first blocks once per (image,
 timestep)), ``batched`` (the engine: + cross-attention K/V once per concept). All with K LoRA
 adapters routed per concept. ``--channels_last`` / ``--compile`` add ``batched+cl`` /
-``batched+cl+compile`` (UNet blocks compiled one by one with ``Module.compile``, so the engine's
-shared-prefix forward, which calls the blocks directly, runs compiled too).
+``batched+cl+compile`` (the engine's ``channels_last`` / ``compile`` options: UNet blocks compiled one
+by one with ``Module.compile``, so the shared-prefix forward, which calls the blocks directly, runs
+compiled too). Every row carries ``prefix_flop_frac``, the share of a pass's FLOPs in the
+prompt-independent prefix (``fastcp.dc.shared_prefix.prefix_flops``), and whether the engine shares it.
 
 Every row also carries the FLOPs of one plain UNet pass (``torch.utils.flop_counter``, LoRA
 included), the FLOPs per pass the provider actually executes, and ``tflops_equiv`` = passes/s × that: the engine skips part of that work, so on a
@@ -32,12 +34,7 @@ from fastcp.dc import DiffusionClassifier, errors_loop  # noqa: E402
 from fastcp.models.backbone import Conditioning  # noqa: E402
 from fastcp.nn import inject_multi_lora, lora_layers  # noqa: E402
 
-SD15_UNET = dict(  # the SD 1.5 UNet architecture (config written out: no download)
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+from sd15 import SD15_UNET  # noqa: E402  (the SD 1.5 UNet architecture, config written out: no download)
 
 
 def setup(args, device, dtype):
@@ -94,13 +91,6 @@ def executed_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def compile_blocks(unet) -> None:
-    """Compile every block the engine calls (both the plain and the shared-prefix forward)."""
-    for m in (unet.time_embedding, unet.conv_in, *unet.down_blocks, unet.mid_block, *unet.up_blocks, unet.conv_out):
-        if m is not None:
-            m.compile()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sd15", action="store_true")
@@ -134,22 +124,27 @@ def main(argv=None) -> int:
             "T": args.timesteps, "batch_size": args.batch_size or passes,
             **{f"v_{k}": v for k, v in versions().items()}}
     rows = []
+    from fastcp.dc import shared_prefix
+
+    pf = shared_prefix.prefix_flops(unet, tuple(x.shape[1:]), tuple(cond.encoder_hidden_states.shape[1:]))
+    meta["prefix_flop_frac"] = round(pf["fraction"], 5)  # what sharing the prompt-independent prefix can save
+    meta["prefix_shared"] = DiffusionClassifier(unet, sched).share_prefix
+    print(f"shared prefix: {100 * pf['fraction']:.2f}% of a pass's FLOPs; used: {meta['prefix_shared']}")
     fpp = flops_per_pass(unet, sched, cond, x, noise, ts, ids)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in dev_name), None) if device.type == "cuda" else None
     executed = {p: executed_flops(fn) for p, fn in providers.items()}
     with torch.no_grad():
         results = {p: measure(fn, warmup=1, reps=args.reps, device=device) for p, fn in providers.items()}
+        # engine options (they convert / compile the UNet in place, so they run last)
         if args.channels_last or args.compile:
-            unet.to(memory_format=torch.channels_last)
-            xc = x.contiguous(memory_format=torch.channels_last)
-            engine = DiffusionClassifier(unet, sched)
+            engine = DiffusionClassifier(unet, sched, channels_last=True)
             if args.channels_last:
-                results["batched+cl"] = measure(lambda: engine.errors(xc, cond, ts, noise, ids, batch_size=args.batch_size),
+                results["batched+cl"] = measure(lambda: engine.errors(x, cond, ts, noise, ids, batch_size=args.batch_size),
                                                 warmup=1, reps=args.reps, device=device)
             if args.compile:
-                compile_blocks(unet)
+                engine = DiffusionClassifier(unet, sched, channels_last=True, compile=True)
                 results["batched+cl+compile"] = measure(
-                    lambda: engine.errors(xc, cond, ts, noise, ids, batch_size=args.batch_size),
+                    lambda: engine.errors(x, cond, ts, noise, ids, batch_size=args.batch_size),
                     warmup=3, reps=args.reps, device=device)
     base = results.get("loop", results["batched_no_kv"])["p50_ms"]
     for p, t in results.items():

@@ -39,7 +39,7 @@ from fastcp.eval.metrics import METRICS, ContinualEvaluator
 from fastcp.files import atomic_write_json, json_safe
 from fastcp.methods import Context, get_method
 from fastcp.methods.base import lora_weight_decay
-from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora
+from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora, routing_safe_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -108,10 +108,8 @@ def configure_backbone(bb, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "gradient_checkpointing", False):
-        from fastcp.nn.checkpointing import checkpoint_with_routing
-
         # the recomputation in backward must see the routing of the forward (fastcp.nn.checkpointing)
-        bb.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_routing)
+        bb.unet.enable_gradient_checkpointing(gradient_checkpointing_func=routing_safe_checkpoint)
     if getattr(args, "enable_xformers_memory_efficient_attention", False):
         bb.unet.enable_xformers_memory_efficient_attention()
 

@@ -185,3 +185,37 @@ def test_errors_under_bf16_autocast_track_fp32(tiny):
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     rel = ((low - ref).norm() / ref.norm()).item()
     assert rel < 0.05, rel  # bf16 has 8 mantissa bits; the ranking of concepts is what matters
+
+
+def test_channels_last_option_and_concept_major_rows_equal_loop():
+    bb = load_backbone("tiny")
+    with_adapters(bb.unet, 3, seed=4)
+    ids = torch.tensor([2, -1, 0, 2])  # unsorted, a repeated slot and a base-only concept
+    x, cond, ts, noise = inputs(bb, N=2, T=2)
+    with torch.no_grad():
+        ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
+        clf = DiffusionClassifier(bb.unet, bb.scheduler, channels_last=True)
+        assert bb.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        for bs in (5, None):
+            torch.testing.assert_close(clf.errors(x, cond, ts, noise, ids, batch_size=bs), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_option_compiles_every_block_the_engine_calls():
+    bb = load_backbone("tiny")
+    DiffusionClassifier(bb.unet, bb.scheduler, compile=True)  # Module.compile is lazy: nothing runs here
+    for m in (bb.unet.conv_in, *bb.unet.down_blocks, bb.unet.mid_block, *bb.unet.up_blocks, bb.unet.conv_out):
+        assert m._compiled_call_impl is not None
+
+
+def test_shared_prefix_only_where_it_saves_work(tiny, sd_dirs):
+    from fastcp.dc import shared_prefix
+
+    # tiny: two full-resolution down blocks before the first cross-attention: a real share
+    assert shared_prefix.saves_work(tiny.unet) and DiffusionClassifier(tiny.unet, tiny.scheduler).share_prefix
+    f = shared_prefix.prefix_flops(tiny.unet, (3, 32, 32), (8, 64))
+    assert 0.05 < f["fraction"] < 1 and f["prefix"] < f["total"]
+    # SD-1.x layout (cross-attention from down_blocks[0]): the prefix is conv_in + time embedding, ~0%
+    sd = load_backbone(sd_dirs["epsilon"])
+    assert not shared_prefix.saves_work(sd.unet) and not DiffusionClassifier(sd.unet, sd.scheduler).share_prefix
+    f_sd = shared_prefix.prefix_flops(sd.unet, (4, 16, 16), (16, sd.unet.config.cross_attention_dim))
+    assert f_sd["fraction"] < 0.05

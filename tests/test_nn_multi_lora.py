@@ -76,3 +76,36 @@ def test_merge_adapter_folds_the_delta():
     layer.merge_adapter_(0)
     assert layer.lora_b.abs().sum() == 0  # fresh slot
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint_fn", ["default", "routing_safe"])
+def test_gradient_checkpointing_recomputes_under_the_forward_routing(checkpoint_fn):
+    """Backward after lora_routing exited: the recompute must use the forward's routing. The default
+    checkpoint function does not (wrong LoRA gradients); routing_safe_checkpoint does."""
+    from fastcp.models.tiny import build_unet
+    from fastcp.nn import routing_safe_checkpoint
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        unet = build_unet()
+        layers = inject_multi_lora(unet, num_adapters=2, rank=2)
+        with torch.no_grad():
+            for l in layers.values():
+                l.lora_b.normal_(std=0.1)
+        if checkpointing == "default":
+            unet.enable_gradient_checkpointing()
+        elif checkpointing == "routing_safe":
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=routing_safe_checkpoint)
+        unet.train()
+        g = torch.Generator().manual_seed(1)
+        x, t, c = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([3, 400]), torch.randn(2, 10, 64, generator=g)
+        with lora_routing(unet, coef=torch.tensor([[1.0, 0.0], [0.0, 0.5]])):
+            loss = unet(x, t, encoder_hidden_states=c).sample.square().mean()
+        loss.backward()  # outside the routing context, as training loops do
+        return torch.cat([l.lora_a.grad.flatten() for l in layers.values()])
+
+    want, got = grads(None), grads(checkpoint_fn)
+    if checkpoint_fn == "routing_safe":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    else:
+        assert not torch.allclose(got, want, rtol=1e-3, atol=1e-5)  # the bug this function exists for

@@ -168,7 +168,7 @@ def test_cpp_ops_trace_under_torch_compile(monkeypatch, mode):
         return multi_lora_linear(x, W, b, A, Bm, s, **kw).square().sum()
 
     leaves = [t.clone().requires_grad_() for t in (x, A, Bm)]
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     out = compiled(*leaves)
     got = torch.autograd.grad(out, leaves)
     ref_leaves = [t.clone().requires_grad_() for t in (x, A, Bm)]

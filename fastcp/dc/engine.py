@@ -12,10 +12,16 @@ rows are packed into large UNet batches:
   (``fastcp.dc.kv_cache``), not once per row;
 - the UNet work before the first cross-attention block (time embedding, conv_in, the
   full-resolution down blocks of the tiny model) runs once per (image, timestep) and is expanded
-  to the concepts (``fastcp.dc.shared_prefix``);
+  to the concepts (``fastcp.dc.shared_prefix``) — where that prefix holds a down block; on SD 1.5
+  it stops before ``down_blocks[0]`` and would save ~0% of the FLOPs for the cost of its gathers;
 - concept k's rows run through LoRA slot ``adapter_ids[k]`` of the multi-adapter layers (-1 =
   base model), so every concept's adapter is evaluated in the same batch;
-- rows are chunked to ``batch_size`` (or a byte budget) with identical results for any chunking.
+- rows are chunked to ``batch_size`` (or a byte budget) with identical results for any chunking;
+  within a chunk they are ordered concept-major, concepts sorted by adapter slot (base-only
+  last), so each adapter's rows are one contiguous run: the routing plan is built once per chunk
+  without a sort and the LoRA kernels read rows in place (no gather). Every index is arithmetic on
+  the device: no ``unique``, no host sync per chunk;
+- ``channels_last`` and ``compile`` (UNet blocks compiled one by one) are engine options.
 
 ``errors_loop`` is the plain per-(image, concept, timestep) loop the engine is tested against.
 """
@@ -110,12 +116,23 @@ class DiffusionClassifier:
         temperature: τ of ``logits = −mean_t err / τ``.
         kv_cache: project cross-attention K/V once per concept (exact; on by default).
         share_prefix: compute the prompt-independent first blocks once per (image, timestep)
-            (exact; on by default where the UNet configuration allows it).
+            (exact; on by default where the UNet configuration allows it and the prefix holds at
+            least one down block, i.e. where it saves work: ``shared_prefix.saves_work``).
+        channels_last: convert the UNet (in place) and its inputs to channels_last, the layout
+            cuDNN's convolutions prefer on tensor cores.
+        compile: compile the UNet's blocks in place (``Module.compile``, one per block, so the
+            shared-prefix forward, which calls the blocks directly, runs compiled as well).
     """
 
-    def __init__(self, unet, scheduler, temperature: float = 1.0, kv_cache: bool = True, share_prefix: bool = True):
+    def __init__(self, unet, scheduler, temperature: float = 1.0, kv_cache: bool = True, share_prefix: bool = True,
+                 channels_last: bool = False, compile: bool = False):
         self.unet, self.scheduler, self.temperature, self.kv_cache = unet, scheduler, temperature, kv_cache
-        self.share_prefix = share_prefix and shared_prefix.supports(unet)
+        self.share_prefix = share_prefix and shared_prefix.supports(unet) and shared_prefix.saves_work(unet)
+        self.channels_last, self.compile = channels_last, compile
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if compile and not getattr(unet, "_fastcp_blocks_compiled", False):
+            compile_blocks(unet)
 
     def _chunk_rows(self, rows: int, per_row_bytes: int, batch_size, max_batch_bytes) -> int:
         """UNet rows per call: ``batch_size``, else as many as ``max_batch_bytes`` allows, else all."""
@@ -148,28 +165,39 @@ class DiffusionClassifier:
         dev = latents.device
         noisy, target = _noisy_and_target(self.scheduler, latents, noise, timesteps)
         rows = N * K * T
-        # Row r = ((n * T) + t) * K + k: the K rows of one (image, timestep) are adjacent, so any
-        # chunk of >= K rows still shares its prompt-independent prefix across all concepts.
-        n_idx = torch.arange(N, device=dev).repeat_interleave(T * K)
-        t_idx = torch.arange(T, device=dev).repeat_interleave(K).repeat(N)
-        k_idx = torch.arange(K, device=dev).repeat(N * T)
+        # Global row r = ((n * T) + t) * K + k: the K rows of one (image, timestep) pair are adjacent, so a
+        # chunk [s, e) covers the contiguous pairs s // K .. (e - 1) // K and shares the prompt-independent
+        # prefix of each across its concepts.
         chunk = self._chunk_rows(rows, latents[0].numel() * latents.element_size(), batch_size, max_batch_bytes)
         layers = lora_layers(self.unet)
         # LoRA inside the shared prefix (e.g. on time_emb_proj) makes it concept-dependent.
         share = (self.share_prefix and cond.added_cond_kwargs is None
                  and not shared_prefix.lora_in_prefix(self.unet, layers))
         ids_dev = adapter_ids.to(dev).long() if adapter_ids is not None else None
+        # Concept rank: concepts sorted by adapter slot, base-only (-1) last. Rows of a chunk are laid out
+        # by (rank, global row), so the chunk's adapter ids are grouped ascending: a presorted plan.
+        if ids_dev is not None:
+            key = torch.where(ids_dev < 0, torch.full_like(ids_dev, 1 << 30), ids_dev)
+            k_rank = torch.argsort(torch.argsort(key, stable=True))
+        else:
+            k_rank = torch.arange(K, device=dev)
         processor = CachedCrossAttnProcessor() if self.kv_cache else None
         cache_ctx = cached_cross_attention(self.unet, processor) if processor is not None else contextlib.nullcontext()
         ts = timesteps.to(dev)
-        out = []
+        out, where = [], []
         with cache_ctx:
             if processor is not None:
                 processor.concept_adapter_ids = ids_dev
             for s in range(0, rows, chunk):
-                n, k, t = n_idx[s: s + chunk], k_idx[s: s + chunk], t_idx[s: s + chunk]
-                route = (lora_routing(self.unet, adapter_ids=ids_dev[k]) if layers and ids_dev is not None
-                         else contextlib.nullcontext())
+                e = min(s + chunk, rows)
+                pos = torch.arange(s, e, device=dev)
+                order = torch.argsort(k_rank[pos % K] * (e - s) + (pos - s))  # concept-major, stable by row
+                pos = pos[order]
+                pair, k = pos // K, pos % K
+                n, t = pair // T, pair % T
+                where.append(pos)
+                route = (lora_routing(self.unet, adapter_ids=ids_dev[k], presorted=True)
+                         if layers and ids_dev is not None else contextlib.nullcontext())
                 if processor is not None:
                     processor.row_concept = k
                     kwargs = {"encoder_hidden_states": cond.encoder_hidden_states}  # compact: one row per concept
@@ -179,13 +207,20 @@ class DiffusionClassifier:
                     kwargs = cond.select(k).unet_kwargs()
                 with route:
                     if share:
-                        uniq, inverse = torch.unique(n * T + t, return_inverse=True)
+                        first = s // K  # the chunk's pairs are first .. (e - 1) // K: no unique() needed
+                        uniq = torch.arange(first, (e - 1) // K + 1, device=dev)
                         pred = shared_prefix.forward_shared_prefix(
-                            self.unet, noisy[uniq // T, uniq % T], ts[uniq % T], inverse, kwargs["encoder_hidden_states"])
+                            self.unet, self._layout(noisy[uniq // T, uniq % T]), ts[uniq % T], pair - first,
+                            kwargs["encoder_hidden_states"])
                     else:
-                        pred = self.unet(noisy[n, t], ts[t], **kwargs).sample
+                        pred = self.unet(self._layout(noisy[n, t]), ts[t], **kwargs).sample
                 out.append(((pred.float() - target[n, t].float()) ** 2).mean(dim=(1, 2, 3)))
-        return torch.cat(out).view(N, T, K).transpose(1, 2)
+        # back to (n, t, k) order: one scatter of the per-row errors (differentiable)
+        flat = torch.zeros(rows, dtype=out[0].dtype, device=dev).index_copy(0, torch.cat(where), torch.cat(out))
+        return flat.view(N, T, K).transpose(1, 2)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """[N, K] = −mean_t err / τ."""
@@ -246,6 +281,14 @@ class DiffusionClassifier:
                 alive = torch.zeros_like(alive).scatter_(1, kth, True) & alive
         mean = errors[:, :, :done].nanmean(dim=2).masked_fill(~alive, float("inf"))
         return ClassifyResult(pred=mean.argmin(dim=1), errors=errors, timesteps=all_t, alive=alive)
+
+
+def compile_blocks(unet) -> None:
+    """Compile (in place) every block the engine calls, in both the plain and the shared-prefix forward."""
+    for m in (unet.time_embedding, unet.conv_in, *unet.down_blocks, unet.mid_block, *unet.up_blocks, unet.conv_out):
+        if m is not None:
+            m.compile()
+    unet._fastcp_blocks_compiled = True
 
 
 def _van_der_corput(i: int) -> float:

@@ -29,9 +29,11 @@ class CachedCrossAttnProcessor:
         self.row_concept: torch.Tensor | None = None
         self.concept_adapter_ids: torch.Tensor | None = None
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict = {}  # routing plans of the concept rows, built once per call, shared by every module
 
     def clear(self) -> None:
         self._cache.clear()
+        self._plans = {}
 
     def _kv(self, attn, context: torch.Tensor):
         key = id(attn)
@@ -39,9 +41,11 @@ class CachedCrossAttnProcessor:
             if attn.norm_cross:
                 context = attn.norm_encoder_hidden_states(context)
             lora = [m for m in (attn.to_k, attn.to_v) if isinstance(m, MultiLoRALinear)]
-            route = (lora_routing(lora, adapter_ids=self.concept_adapter_ids)
+            route = (lora_routing(lora, adapter_ids=self.concept_adapter_ids, plans=self._plans)
                      if lora and self.concept_adapter_ids is not None else contextlib.nullcontext())
-            with route:
+            with route as plans:
+                if plans:
+                    self._plans.update(plans)
                 self._cache[key] = (attn.to_k(context), attn.to_v(context))
         return self._cache[key]
 

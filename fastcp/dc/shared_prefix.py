@@ -35,6 +35,43 @@ def prefix_modules(unet) -> list[str]:
     return names
 
 
+def saves_work(unet) -> bool:
+    """Whether sharing the prefix saves real work: it must hold at least one down block. On SD 1.5 /
+    SDXL every down block from the first has cross-attention (SD 1.5) or the prefix ends at conv_in,
+    so sharing would save the time embedding and one 3×3 convolution (~0% of a pass, see
+    ``prefix_flops``) and pay for expanding the skip tensors; the engine then runs the plain forward."""
+    return len(prefix_modules(unet)) > 3
+
+
+def prefix_flops(unet, sample_shape, encoder_hidden_states_shape) -> dict:
+    """FLOPs of one UNet pass (one row) and of its shareable prefix, counted on the meta device (no
+    compute, any size): {"total": int, "prefix": int, "fraction": prefix / total}. What sharing the
+    prefix across K concepts saves is (1 − 1/K) · fraction of the engine's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # a fresh copy of the architecture on the meta device: no memory, no compute (LoRA layers, if any,
+    # are left out: they add r/in of a projection's FLOPs)
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    x = torch.zeros(1, *sample_shape, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    ehs = torch.zeros(1, *encoder_hidden_states_shape, device="meta")
+    with torch.no_grad():
+        total = FlopCounterMode(display=False)
+        with total:
+            meta(x, t, encoder_hidden_states=ehs)
+        pre = FlopCounterMode(display=False)
+        with pre:
+            emb = meta.time_embedding(meta.get_time_embed(sample=x, timestep=t), None)
+            h = meta.conv_in(x)
+            for block in meta.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    break
+                h, _ = block(hidden_states=h, temb=emb)
+    tot, prf = int(total.get_total_flops()), int(pre.get_total_flops())
+    return {"total": tot, "prefix": prf, "fraction": prf / tot if tot else 0.0}
+
+
 def lora_in_prefix(unet, layer_names) -> list[str]:
     """The LoRA layers (by qualified name) that sit in the shared prefix. Their output depends on
     the concept's adapter, so the prefix is no longer prompt-independent and must not be shared."""

@@ -2,7 +2,11 @@
 
 Per-sample routing (``adapter_ids`` [B] or ``coef`` [B, K]) is not a forward argument of the
 UNet, so it is set on the layers by the ``lora_routing`` context manager (or per call through
-``MultiLoRALinear.forward(x, adapter_ids=..., coef=...)``).
+``MultiLoRALinear.forward(x, adapter_ids=..., coef=...)``). ``lora_routing`` builds one
+``RoutingPlan`` (``fastcp.ops.routing``) for the whole model and hands it to every layer: the ids
+are validated, grouped and counted once per forward, on the device, and every layer reuses that in
+its forward and backward. Setting a layer's ``adapter_ids`` / ``coef`` attribute directly (as FL2T
+does per layer) drops the shared plan for that layer, which then builds its own from the attributes.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from fastcp import ops
+from fastcp.ops.routing import RoutingPlan, routing_plan
 
 # Attention projections of diffusers' Attention blocks (self- and cross-attention).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -49,9 +54,27 @@ class MultiLoRALinear(nn.Module):
         for k in range(num_adapters):
             self.reset_adapter(k, rank=rank, alpha=alpha if alpha is not None else rank)
         # Routing state set by `lora_routing`; None/None means every slot is on for every sample.
-        self.adapter_ids: torch.Tensor | None = None
-        self.coef: torch.Tensor | None = None
+        self._adapter_ids: torch.Tensor | None = None
+        self._coef: torch.Tensor | None = None
+        self.plan: RoutingPlan | None = None  # the shared plan of adapter_ids/coef (None: build per call)
         self.enabled = True
+
+    # Setting the routing attributes directly invalidates a shared plan (it described the old values).
+    @property
+    def adapter_ids(self) -> torch.Tensor | None:
+        return self._adapter_ids
+
+    @adapter_ids.setter
+    def adapter_ids(self, value):
+        self._adapter_ids, self.plan = value, None
+
+    @property
+    def coef(self) -> torch.Tensor | None:
+        return self._coef
+
+    @coef.setter
+    def coef(self, value):
+        self._coef, self.plan = value, None
 
     @property
     def num_adapters(self) -> int:
@@ -85,21 +108,27 @@ class MultiLoRALinear(nn.Module):
             self.reset_adapter(k, rank=int(self.ranks[k]), alpha=float(self.scaling[k] * self.ranks[k]))
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None):
+        """y [B, ..., out] for x [B, ..., in]. Routing: the per-call ``adapter_ids`` [B] / ``coef`` [B, K]
+        (a plan of its own), else the shared plan of ``lora_routing``, else the layer's attributes."""
         if not self.enabled:
             return self.base(x)
-        adapter_ids = self.adapter_ids if adapter_ids is None else adapter_ids
-        coef = self.coef if coef is None else coef
+        plan = None
+        if adapter_ids is None and coef is None:
+            if self.plan is not None and self.plan.batch == x.shape[0]:
+                plan = self.plan
+            else:
+                adapter_ids, coef = self._adapter_ids, self._coef
         weight, bias, lora_a, lora_b = self.base.weight, self.base.bias, self.lora_a, self.lora_b
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             # Like nn.Linear under autocast: compute in the autocast dtype, keep fp32 parameters
-            # (the casts are differentiable, so gradients reach them in fp32).
+            # (the casts are differentiable, so gradients reach them in fp32). coef keeps its dtype:
+            # the kernels read it per sample and accumulate in fp32.
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight, lora_a, lora_b = x.to(dt), weight.to(dt), lora_a.to(dt), lora_b.to(dt)
             bias = bias.to(dt) if bias is not None else None
-            coef = coef.to(dt) if coef is not None else None
-        return ops.multi_lora_linear(
-            x, weight, bias, lora_a, lora_b, self.scaling.to(x.dtype), coef=coef, adapter_ids=adapter_ids,
-        )
+        # scaling is an fp32 device buffer: no per-call conversion or copy
+        return ops.multi_lora_linear(x, weight, bias, lora_a, lora_b, self.scaling, coef=coef,
+                                     adapter_ids=adapter_ids, plan=plan)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, rank={self.rank}"
@@ -141,22 +170,44 @@ def lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 @contextlib.contextmanager
 def lora_routing(model_or_layers, *, adapter_ids: torch.Tensor | None = None, coef: torch.Tensor | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, presorted: bool = False, plans: dict | None = None):
     """Route samples to adapter slots in every MultiLoRALinear of a model for the duration.
 
     adapter_ids [B] long (-1 = base only) or coef [B, K]; both None = all slots on.
     ``enabled=False`` runs the base model only. Restores the previous routing on exit.
+
+    Builds the routing plan once (per distinct slot count K among the layers; usually one) on the
+    ids' / coef's device: ids are validated and grouped here, not in every layer. ``presorted=True``
+    promises ids grouped in ascending order with -1 last (see ``fastcp.ops.routing_plan``).
+    Yields the plans by K ({K: RoutingPlan}); pass them back as ``plans=`` to reuse them for the
+    same routing on other layers (the DC engine's K/V projections do) instead of building again.
     """
     layers: Iterable[MultiLoRALinear]
     if isinstance(model_or_layers, nn.Module):
         layers = list(lora_layers(model_or_layers).values())
     else:
         layers = list(model_or_layers)
-    saved = [(l.adapter_ids, l.coef, l.enabled) for l in layers]
+    reuse = plans or {}
+    plans: dict[int, RoutingPlan] = {}
+
+    def plans_given(K):
+        p = reuse.get(K)
+        return p if p is not None and p.source[0] is adapter_ids and p.source[1] is coef else None  # identity: no sync
+
+    if enabled and (adapter_ids is not None or coef is not None):
+        batch = adapter_ids.shape[0] if adapter_ids is not None else coef.shape[0]
+        for l in layers:
+            K = l.num_adapters
+            if K not in plans and plans_given(K) is not None:
+                plans[K] = plans_given(K)
+            elif K not in plans:
+                plans[K] = routing_plan(batch, K, adapter_ids=adapter_ids, coef=coef, presorted=presorted)
+    saved = [(l._adapter_ids, l._coef, l.enabled, l.plan) for l in layers]
     try:
         for l in layers:
-            l.adapter_ids, l.coef, l.enabled = adapter_ids, coef, enabled
-        yield
+            l._adapter_ids, l._coef, l.enabled = adapter_ids, coef, enabled
+            l.plan = plans.get(l.num_adapters)
+        yield plans
     finally:
-        for l, (a, c, e) in zip(layers, saved):
-            l.adapter_ids, l.coef, l.enabled = a, c, e
+        for l, (a, c, e, p) in zip(layers, saved):
+            l._adapter_ids, l._coef, l.enabled, l.plan = a, c, e, p

@@ -1,28 +1,34 @@
 """``multi_lora_linear``: a linear layer plus K LoRA adapters mixed per sample, with autograd.
 
-Forward (rows m = flattened (b, ...) positions, g = coef | one_hot(adapter_ids) | 1):
+Forward (rows m = flattened (b, ...) positions, L rows per sample, g = coef | one_hot(adapter_ids) | 1):
 
-    y[m] = x[m] Wᵀ + b + Σ_k g[b(m), k] · s_k · (x[m] A_kᵀ) B_kᵀ
+    y[m] = x[m] Wᵀ + b + Σ_k g[m // L, k] · s_k · (x[m] A_kᵀ) B_kᵀ
 
-Backward, with S_k = x A_kᵀ [M, r], U_k = dy B_k [M, r], G = g·s:
+Backward, with S_k = x A_kᵀ [M, r], U_k = dy B_k [M, r], G[m, k] = g[m // L, k]·s_k:
 
     dx  = dy W + Σ_k G[:, k] ⊙ U_k A_k
     dA_k = (G[:, k] ⊙ U_k)ᵀ x          dB_k = (G[:, k] ⊙ dy)ᵀ S_k
     dcoef[b, k] = s_k Σ_{m ∈ b} ⟨U_k[m], S_k[m]⟩
     dW  = dyᵀ x                         db  = Σ_m dy[m]
 
-The backend (``fastcp.ops.dispatch``) computes the LoRA parts; dW and db are computed here, only
-when needed (the usual case is a frozen base weight).
+The routing (``adapter_ids`` / ``coef``) becomes a per-sample ``RoutingPlan`` (``fastcp.ops.routing``):
+built here when a call passes ids or coef, or built once per model forward by
+``fastcp.nn.lora_routing`` and passed in as ``plan=`` by every layer. Per call there is no host
+sync: no value reads of device tensors, no data-dependent output sizes, no host→device copies
+(a float ``scaling`` is filled on the device). The backend is resolved once per (device, dtype,
+mode, rank) and cached (``fastcp.ops.dispatch``); each backend's ``apply`` is a torch.library op
+with a fake kernel and autograd, so ``torch.compile(fullgraph=True)`` traces through it.
 """
 from __future__ import annotations
 
 import torch
 
 from fastcp.ops import dispatch
-from fastcp.ops.backends.base import LoraProblem
+from fastcp.ops.routing import RoutingPlan, routing_plan
 
 
-def _validate(x, weight, bias, lora_a, lora_b, scaling, coef, adapter_ids):
+def _validate(x, weight, bias, lora_a, lora_b, scaling):
+    """Shapes, dtypes and devices only: metadata, never values (no sync)."""
     if not torch.is_tensor(x) or x.dim() < 2:
         raise ValueError(f"x: expected a tensor [B, ..., in], got {getattr(x, 'shape', type(x))}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -41,42 +47,25 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, coef, adapter_ids):
     if torch.is_tensor(scaling):
         if scaling.dim() > 1 or (scaling.dim() == 1 and scaling.shape[0] != K):
             raise ValueError(f"scaling: expected a float or [K={K}], got {list(scaling.shape)}")
-    if coef is not None and adapter_ids is not None:
-        raise ValueError("coef: give coef or adapter_ids, not both")
-    B = x.shape[0]
-    if coef is not None and tuple(coef.shape) != (B, K):
-        raise ValueError(f"coef: expected [B={B}, K={K}], got {list(coef.shape)}")
-    if adapter_ids is not None:
-        if tuple(adapter_ids.shape) != (B,) or adapter_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"adapter_ids: expected integer [B={B}], got {adapter_ids.dtype} {list(adapter_ids.shape)}")
-        # a value check reads the ids (a host sync): skipped while torch.compile traces
-        if not torch.compiler.is_compiling() and adapter_ids.numel() and (adapter_ids.min() < -1 or adapter_ids.max() >= K):
-            raise ValueError(f"adapter_ids: values must be in [-1, {K - 1}]")
 
 
-class _MultiLoRA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_a, lora_b, scale, row_gates, row_ids, mode, rows_per_sample):
-        p = LoraProblem(x2d, weight, bias, lora_a, lora_b, scale, mode, row_ids, row_gates)
-        backend = dispatch.choose(p)
-        y = backend.forward(p)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, scale, row_gates, row_ids)
-        ctx.mode, ctx.backend, ctx.has_bias, ctx.rows_per_sample = mode, backend, bias is not None, rows_per_sample
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, scale, row_gates, row_ids = ctx.saved_tensors
-        p = LoraProblem(x2d, weight, None, lora_a, lora_b, scale, ctx.mode, row_ids, row_gates)
-        need = ctx.needs_input_grad
-        dy = dy.contiguous()
-        dx, da, db, dg = ctx.backend.backward(p, dy, need[0], need[3], need[4], need[6] and ctx.mode == "dense")
-        dw = dy.t() @ x2d if need[1] else None
-        dbias = dy.sum(0) if (ctx.has_bias and need[2]) else None
-        return dx, dw, dbias, da, db, None, dg, None, None, None
+def _scale(scaling, K: int, device) -> torch.Tensor:
+    """scaling as a contiguous fp32 [K] tensor on x's device. A float is filled on the device (a fill
+    kernel, not a host→device copy of a CPU tensor on every call)."""
+    if torch.is_tensor(scaling):
+        s = scaling.to(device=device, dtype=torch.float32).reshape(-1).expand(K)
+        return s if s.is_contiguous() else s.contiguous()
+    return torch.full((K,), float(scaling), dtype=torch.float32, device=device)
 
 
-def multi_lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, coef=None, adapter_ids=None):
+@torch.compiler.assume_constant_result
+def _backend_name(device_type: str, dtype: torch.dtype, mode: str, rank: int, backend) -> str:
+    # a constant while torch.compile traces (resolved once, outside the graph)
+    return dispatch.resolve(device_type, dtype, mode, rank, backend).name
+
+
+def multi_lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, coef=None, adapter_ids=None,
+                      plan: RoutingPlan | None = None, backend: str | None = None):
     """Linear layer with K LoRA adapters mixed per sample (DESIGN.md section 3).
 
     Args:
@@ -85,26 +74,32 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, coef=None, ad
         coef: [B, K] per-sample mixing coefficients (broadcast over the middle dims), or
         adapter_ids: [B] long, one adapter per sample, -1 = base model only.
         Neither: every adapter with coefficient 1.
+        plan: a ``RoutingPlan`` for B samples and K adapters (instead of coef / adapter_ids): what
+            every layer of one model forward shares (``fastcp.nn.lora_routing`` builds it once).
+        backend: force a backend ("triton", "cuda", "cpp", "reference"); default: FASTCP_BACKEND, else
+            the first that accepts the input.
     Returns: y [B, ..., out].
 
     Equivalent PyTorch code: ``fastcp.ops.reference.multi_lora_linear_reference``.
     Gradients flow to every input that requires grad (x, weight, bias, lora_a, lora_b, coef).
     """
-    _validate(x, weight, bias, lora_a, lora_b, scaling, coef, adapter_ids)
-    B, K = x.shape[0], lora_a.shape[0]
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    rows_per_sample = x2d.shape[0] // B if B else 0
-    scale = scaling.float() if torch.is_tensor(scaling) else torch.full((K,), float(scaling))
-    scale = scale.reshape(-1).expand(K).to(x.device).contiguous()
-    row_gates = row_ids = None
-    if coef is not None:
-        mode = "dense"
-        row_gates = coef.to(x.dtype).repeat_interleave(rows_per_sample, dim=0)
-    elif adapter_ids is not None:
-        mode = "routed"
-        row_ids = adapter_ids.to(torch.int32).repeat_interleave(rows_per_sample, dim=0)
+    _validate(x, weight, bias, lora_a, lora_b, scaling)
+    B, K, r = x.shape[0], lora_a.shape[0], lora_a.shape[1]
+    if plan is None:
+        plan = routing_plan(B, K, adapter_ids=adapter_ids, coef=coef, device=x.device)
     else:
-        mode = "all"
-    y = _MultiLoRA.apply(x2d, weight, bias, lora_a, lora_b, scale, row_gates, row_ids, mode, rows_per_sample)
+        if coef is not None or adapter_ids is not None:
+            raise ValueError("plan: give a plan or coef/adapter_ids, not both")
+        if plan.batch != B or plan.num_adapters != K:
+            raise ValueError(f"plan: built for B={plan.batch}, K={plan.num_adapters}; the input has B={B}, K={K}")
+    if plan.device != x.device:
+        raise ValueError(f"plan: on {plan.device}, x on {x.device} (build the routing on x's device)")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    rows_per_sample = x2d.shape[0] // B if B else 0
+    scale = _scale(scaling, K, x.device)
+    name = _backend_name(x.device.type, x.dtype, plan.mode, int(r), backend)
+    y = dispatch.get_backend(name).apply(x2d, weight, bias, lora_a, lora_b, scale, plan, rows_per_sample)
     return y.reshape(*lead, weight.shape[0])

@@ -1,6 +1,7 @@
 """Reference backend: plain torch on rows, every adapter for every row (g one-hot when routed).
 
 It is the CPU fallback and, with ``fastcp.ops.reference``, the spec the other backends match.
+Plain differentiable torch: autograd and torch.compile see ordinary aten ops.
 """
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import torch
 from fastcp.ops.backends.base import Backend, LoraProblem
 
 
+def _lora_rows(x, weight, bias, lora_a, lora_b, scale, gates):
+    G = gates * scale.to(x.dtype)                                  # [M, K]
+    s = torch.einsum("mi,kri->mkr", x, lora_a) * G[:, :, None]       # shrink, gated: [M, K, r]
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + torch.einsum("mkr,kor->mo", s, lora_b)               # expand
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
+    def apply(self, x, weight, bias, lora_a, lora_b, scale, plan, rows_per_sample):
+        return _lora_rows(x, weight, bias, lora_a, lora_b, scale, plan.row_gates(rows_per_sample, x.dtype))
+
     def forward(self, p: LoraProblem) -> torch.Tensor:
-        G = p.gates() * p.scale.to(p.x.dtype)                         # [M, K]
-        s = torch.einsum("mi,kri->mkr", p.x, p.lora_a) * G[:, :, None]  # shrink, gated: [M, K, r]
-        y = torch.nn.functional.linear(p.x, p.weight, p.bias)
-        return y + torch.einsum("mkr,kor->mo", s, p.lora_b)           # expand
+        with torch.no_grad():
+            return _lora_rows(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, p.gates())
 
     def backward(self, p, dy, need_dx, need_da, need_db, need_dg):
         g = p.gates()

@@ -65,8 +65,6 @@ def test_multi_lora_linear(benchmark, shape, case, provider, mode, timing):
     benchmark.group = f"{shape[0]} {case} {mode} {timing}"
     benchmark.extra_info.update(device=str(DEV), dtype=str(DTYPE))
     if timing == "graph":
-        from common import measure_graph  # noqa: F401  (capture helper; pytest-benchmark times the replay)
-
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

@@ -114,7 +114,7 @@ def compare(argv: list[str]) -> int:
     p.add_argument("--rerun", action="store_true", help="redo runs whose results.json exists")
     args = p.parse_args(argv)
     from fastcp import train
-    from fastcp.eval.report import atomic_write_json
+    from fastcp.files import atomic_write_json
     from fastcp.methods import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -228,7 +228,7 @@ def profile(argv: list[str]) -> int:
             if k != "step (loss fwd+bwd)":
                 print(f"    {k:42s} {v * 1e3:9.1f} ms")
     if args.out is not None:
-        from fastcp.eval.report import atomic_write_json
+        from fastcp.files import atomic_write_json
 
         atomic_write_json(args.out, {"task": args.task, "steps": args.steps, "train_args": rest,
                                      "median_seconds": report, "threads": torch.get_num_threads()})

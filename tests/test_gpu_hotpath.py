@@ -12,7 +12,7 @@
 import pytest
 import torch
 
-from fastcp.nn import ATTENTION_TARGETS, inject_multi_lora, lora_layers, lora_routing
+from fastcp.nn import lora_layers, lora_routing
 from fastcp.ops import available_backends, multi_lora_linear, routing_plan
 from fastcp.ops.reference import multi_lora_linear_reference
 
@@ -63,15 +63,9 @@ def test_backend_16bit_close_to_fp32_reference(backend, dtype, mode):
 
 
 def _unet(K=3, dtype=torch.float32):
-    from fastcp.models.tiny import build_unet
+    from fastcp.models.testing import random_lora_unet
 
-    torch.manual_seed(0)
-    unet = build_unet()
-    inject_multi_lora(unet, num_adapters=K, rank=4, targets=ATTENTION_TARGETS)
-    with torch.no_grad():
-        for layer in lora_layers(unet).values():
-            layer.lora_b.normal_(std=0.1)
-    return unet.to(DEV, dtype)
+    return random_lora_unet(K).to(DEV, dtype)
 
 
 def _batch(unet, B=4, dtype=torch.float32):

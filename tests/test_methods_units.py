@@ -1,16 +1,13 @@
 """Hand-checkable cases of the CP methods (DESIGN.md section 6), on a random-weight tiny backbone."""
-import math
-
 import pytest
 import torch
 
 from fastcp.data.concepts import embedded_sequence
-from fastcp.methods import Context, get_method
 from fastcp.methods.base import TaskBatch
 from fastcp.methods.clora import clora_penalty
 from fastcp.methods.magmax import topk_mask
 from fastcp.methods.ortho import orthogonal_init
-from fastcp.nn import ATTENTION_TARGETS, FEEDFORWARD_TARGETS, inject_multi_lora
+from fastcp.nn import FEEDFORWARD_TARGETS
 from fastcp.train import build_parser
 
 

@@ -1,6 +1,5 @@
 """A non-finite loss stops the run with a one-line error; every finished task stays on disk."""
 import pytest
-import torch
 
 from fastcp.continual import TrainingError, run_continual
 from fastcp.data.concepts import embedded_sequence

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 from torch._library.custom_ops import _maybe_get_opdef  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from fastcp.nn import ATTENTION_TARGETS, inject_multi_lora, lora_layers, lora_routing  # noqa: E402
+from fastcp.nn import lora_layers, lora_routing  # noqa: E402
 from fastcp.ops.dispatch import get_backend  # noqa: E402
 
 pytestmark = pytest.mark.skipif(get_backend("triton").unavailable_reason() is not None,
@@ -64,15 +64,9 @@ class SyncCounter(TorchDispatchMode):
 
 
 def _unet(K=3):
-    from fastcp.models.tiny import build_unet
+    from fastcp.models.testing import random_lora_unet
 
-    torch.manual_seed(0)
-    unet = build_unet()
-    inject_multi_lora(unet, num_adapters=K, rank=4, targets=ATTENTION_TARGETS)
-    with torch.no_grad():
-        for layer in lora_layers(unet).values():
-            layer.lora_b.normal_(std=0.1)
-    return unet
+    return random_lora_unet(K)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from fastcp.data.concepts import export_embedded_sequence
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcp.files import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from fastcp.files import atomic_write_bytes
 
 
 def _atomic_savefig(fig, path: Path) -> None:

@@ -261,7 +261,6 @@ class FL2T(Method):
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         bb = self.ctx.backbone
-        B = batch.latents.shape[0]
         cond = bb.encode_prompt(batch.prompts)
         e = self.prompt_embeddings(batch.prompts, cond)
         coefs, s = self.coefs(e, batch.concept_ids, batch.task)

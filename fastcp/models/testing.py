@@ -145,3 +145,21 @@ def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
     pipe.save_pretrained(path)
     return path
+
+
+def random_lora_unet(num_adapters: int = 3, rank: int = 4, seed: int = 0, lora_std: float = 0.1):
+    """The tiny UNet (random weights) with ``num_adapters`` LoRA slots in every attention projection
+    and random B (std ``lora_std``), so every adapter changes the output: the fixture of the op-level
+    UNet tests (sync counter, compile, GPU hot path)."""
+    import torch
+
+    from fastcp.models.tiny import build_unet
+    from fastcp.nn import ATTENTION_TARGETS, inject_multi_lora
+
+    torch.manual_seed(seed)
+    unet = build_unet()
+    layers = inject_multi_lora(unet, num_adapters=num_adapters, rank=rank, targets=ATTENTION_TARGETS)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_b.normal_(std=lora_std)
+    return unet

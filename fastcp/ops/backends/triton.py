@@ -51,17 +51,21 @@ def _segments(k, order, bounds, K, B, L, routed):
     return k.stacked_segments(bounds, B, L)
 
 
+def _layout(k, x, weight, lora_a, order, bounds, rows_per_sample: int, routed: bool):
+    """(IN, OUT, K, r, B, L, segments, R) of a problem: B samples of L rows; R = r routed (one
+    adapter per row), K·r otherwise."""
+    K, r = lora_a.shape[0], lora_a.shape[1]
+    L = rows_per_sample
+    B = x.shape[0] // L if L else 0
+    segs = _segments(k, order, bounds, K, B, L, routed)
+    return x.shape[1], weight.shape[0], K, r, B, L, segs, (r if routed else K * r)
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
                   order: Optional[Tensor], bounds: Tensor, coef: Optional[Tensor], rows_per_sample: int,
                   routed: bool) -> tuple[Tensor, Tensor]:
     k = _K
-    M, IN = x.shape
-    OUT = weight.shape[0]
-    K, r = lora_a.shape[0], lora_a.shape[1]
-    L = rows_per_sample
-    B = M // L if L else 0
-    segs = _segments(k, order, bounds, K, B, L, routed)
-    R = r if routed else K * r
+    _, OUT, K, r, _, _, segs, R = _layout(k, x, weight, lora_a, order, bounds, rows_per_sample, routed)
     S = k.shrink(x, lora_a, segs, R, r)
     y = k.fused(x, weight, (weight.stride(0), weight.stride(1)), bias, S, lora_b,
                 (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scale, coef, segs, OUT, R, r, x.dtype)
@@ -73,13 +77,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b
                    need_dx: bool, need_da: bool, need_db: bool, need_dcoef: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     k = _K
-    M, IN = x.shape
-    OUT = weight.shape[0]
-    K, r = lora_a.shape[0], lora_a.shape[1]
-    L = rows_per_sample
-    B = M // L if L else 0
-    segs = _segments(k, order, bounds, K, B, L, routed)
-    R = r if routed else K * r
+    IN, OUT, K, r, B, L, segs, R = _layout(k, x, weight, lora_a, order, bounds, rows_per_sample, routed)
     A, Bm = lora_a, lora_b
     need_dcoef = need_dcoef and coef is not None and not routed
     # a gradient not asked for is a fresh empty [0] tensor (outputs of a custom op must not alias)

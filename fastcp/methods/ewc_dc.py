@@ -32,12 +32,10 @@ entries (0.65 MB).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-
-from dataclasses import replace
 
 from fastcp.methods.base import DCDraw, Method, TaskBatch, register
 from fastcp.methods.hparams import NONNEG, POS, POSINT, UNIT, hparam

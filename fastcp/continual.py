@@ -275,12 +275,13 @@ class ContinualTrainer:
                 classes[k] = TrainImages(self.bb, self.class_pixels[k], random_flip=a.random_flip)
         return images, classes
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether every process's loss is finite (one collective, so all processes stop together)."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    def _global_step_loss(self, step_loss: torch.Tensor, shards: int) -> float:
+        """The step's loss over the whole global batch (sum of every shard's part / shards): the
+        step's one host sync and one collective, so every process sees the same value and all stop
+        together on a non-finite one."""
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bad.item() == 0
+            step_loss = self.accelerator.reduce(step_loss, reduction="sum")
+        return step_loss.item() / shards
 
     def train_task(self, n: int) -> list[float]:
         """Optimizer steps of task n; returns the per-step losses (global batch means)."""
@@ -325,20 +326,19 @@ class ContinualTrainer:
                 with acc.accumulate(model):
                     terms = model(batch)
                     loss = terms["loss"]
-                    if not self._all_finite(loss):
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at task {n + 1} ({concept.name}) step {step}; "
-                            f"the {n} finished task(s) are saved in {self.out}")
+                    step_loss += loss.detach()
+                    if micro == accum - 1:  # before the update: a non-finite micro-batch makes the sum so
+                        losses.append(self._global_step_loss(step_loss, P * accum))
+                        if not math.isfinite(losses[-1]):
+                            raise TrainingError(
+                                f"non-finite loss ({losses[-1]}) at task {n + 1} ({concept.name}) step {step}; "
+                                f"the {n} finished task(s) are saved in {self.out}")
                     acc.backward(loss)
                     if acc.sync_gradients and a.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, a.max_grad_norm)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-                step_loss += loss.detach()
-            if P > 1:
-                step_loss = acc.reduce(step_loss, reduction="sum")
-            losses.append(step_loss.item() / (P * accum))
             if acc.log_with:
                 acc.log({"train/loss": losses[-1], "train/lr": sched.get_last_lr()[-1]},
                         step=n * a.max_train_steps + step)

@@ -39,6 +39,9 @@ FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "token_init"
                     "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
                     "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma", "noise_offset",
                     "with_prior_preservation", "prior_loss_weight", "num_class_images", "mixed_precision")
+#: MultiLoRALinear state entries indexed by adapter slot on dim 0 (grown by ``--extend_run`` for
+#: methods with one slot per concept)
+SLOT_KEYS = ("lora_a", "lora_b", "scaling", "ranks")
 _NAME = re.compile(r"^checkpoint-(\d+)-(\d+)-(train|done)$")
 _PICKLED = (".bin", ".pkl", ".pt", ".pth")
 
@@ -57,8 +60,17 @@ def fingerprint(args, concepts, method) -> dict:
                                * int(getattr(args, "num_processes", 1)))
     fp["pretrained_model_name_or_path"] = str(fp["pretrained_model_name_or_path"])
     fp.update({f"hp.{k}": v for k, v in dataclasses.asdict(method.hp).items()})
-    fp["concepts"] = [c.name for c in concepts]
+    fp["concepts"] = [concept_identity(c) for c in concepts]
     return json.loads(json.dumps(fp, default=str))
+
+
+def concept_identity(concept) -> dict:
+    """What makes a concept the same concept for a run: its name, token and prompt."""
+    return {"name": concept.name, "token": concept.token, "prompt": concept.prompt}
+
+
+def differing_keys(saved: dict, expected: dict, ignore=()) -> list[str]:
+    return [k for k, v in expected.items() if k not in ignore and saved.get(k) != v]
 
 
 # --------------------------------------------------------------------------- tensor trees
@@ -105,13 +117,26 @@ def model_state(backbone, layers) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_model_state(backbone, layers, state: dict[str, torch.Tensor]) -> None:
+    """Put a ``model_state`` back. A state saved with fewer adapter slots or concept tokens (a
+    finished run that ``--extend_run`` continues with more concepts) fills the first slots and
+    the tokens it has; the rest keep their fresh, seeded initial values, which are those a run
+    with every concept from the start would have (``ContinualTrainer.setup``)."""
     for name, layer in layers.items():
         own = layer.state_dict()
-        layer.load_state_dict({k: state[f"{name}.{k}"].to(own[k].device) for k in own})
+        for key, mine in own.items():
+            saved = state[f"{name}.{key}"].to(mine.device, mine.dtype)
+            if saved.shape == mine.shape:
+                mine.copy_(saved)
+            elif key in SLOT_KEYS and saved.shape[1:] == mine.shape[1:] and saved.shape[0] < mine.shape[0]:
+                mine[: saved.shape[0]].copy_(saved)
+            else:
+                raise CheckpointError(f"model state: {name}.{key} has shape {list(saved.shape)}, "
+                                      f"the model has {list(mine.shape)}")
     for e, (_, encoder) in enumerate(backbone.text_pairs()):
         table = encoder.get_input_embeddings().weight
         for tok in backbone.concept_tokens:
-            table[backbone.concept_token_ids(tok)[e]] = state[f"token{e}::{tok}"].to(table)
+            if f"token{e}::{tok}" in state:
+                table[backbone.concept_token_ids(tok)[e]] = state[f"token{e}::{tok}"].to(table)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -185,6 +210,32 @@ def find(out_dir: str | Path, spec: str) -> Path:
     return path
 
 
+def latest(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint of ``out_dir``, or None."""
+    found = sorted(_checkpoints(Path(out_dir) / "checkpoints"))
+    return found[-1][-1] if found else None
+
+
+def remove_all(out_dir: str | Path) -> None:
+    """Delete every checkpoint of ``out_dir`` (a run started over with --overwrite_output_dir)."""
+    for *_, path in _checkpoints(Path(out_dir) / "checkpoints"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_done(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint saved after a finished task (phase "done"), or None."""
+    found = sorted(c for c in _checkpoints(Path(out_dir) / "checkpoints") if c[2])
+    return found[-1][-1] if found else None
+
+
+def read_run(path: Path) -> dict:
+    """A checkpoint's run.json (position, matrices, fingerprint)."""
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from exc
+
+
 def refuse_unsafe_files(path: Path) -> None:
     """Open every pickle-based file of a checkpoint with ``torch.load(weights_only=True)`` (numpy
     RNG states allowed, as accelerate does); raise CheckpointError at the first one that needs
@@ -204,17 +255,14 @@ def refuse_unsafe_files(path: Path) -> None:
                                       f"({type(exc).__name__}); refusing to load it") from None
 
 
-def load(path: Path, expected_fingerprint: dict) -> dict:
+def load(path: Path, expected_fingerprint: dict, ignore=()) -> dict:
     """run.json, model, method state and RNG states of a checkpoint, after the safety and
-    fingerprint checks (accelerate's own files are loaded by ``accelerator.load_state``)."""
+    fingerprint checks (accelerate's own files are loaded by ``accelerator.load_state``);
+    ``ignore``: fingerprint keys the caller checks itself (``--extend_run``: the concepts)."""
     from safetensors.torch import load_file
 
-    try:
-        run = json.loads((path / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from exc
-    saved = run.get("fingerprint", {})
-    differs = [k for k, v in expected_fingerprint.items() if saved.get(k) != v]
+    run = read_run(path)
+    differs = differing_keys(run.get("fingerprint", {}), expected_fingerprint, ignore)
     if differs:
         raise CheckpointError(f"checkpoint {path} belongs to a different run (differs in {', '.join(differs)})")
     refuse_unsafe_files(path)

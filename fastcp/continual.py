@@ -114,6 +114,42 @@ def configure_backbone(bb, args) -> None:
         bb.unet.enable_xformers_memory_efficient_attention()
 
 
+@torch.no_grad()
+def seed_adapter_slots(layers: dict, seed: int, alpha: float) -> None:
+    """Re-draw every slot's initial A (Kaiming-uniform, B = 0) from a generator of (seed, slot):
+    slot k starts the same however many slots there are, so a method with one slot per concept
+    trains alike in a run extended later and in one longer run."""
+    num_slots = next(iter(layers.values())).num_adapters
+    for k in range(num_slots):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + 7 * k + 1)
+            for layer in layers.values():
+                layer.reset_adapter(k, rank=layer.rank, alpha=alpha)
+
+
+def extension_problem(saved: dict, wanted: dict, done: int) -> None:
+    """Raise CheckpointError (one line) unless the sequence ``wanted`` extends the run ``saved``
+    (fingerprints): same training flags and hyperparameters, and the first ``done`` concepts the
+    run's (same names, tokens and prompts), followed by at least one new concept."""
+    differs = checkpoint.differing_keys(saved, wanted, ignore=("concepts",))
+    if differs:
+        k = differs[0]
+        flag = k.replace("hp.", "")
+        raise checkpoint.CheckpointError(
+            f"--extend_run: the run was trained with --{flag} {saved.get(k)!r}, this call has {wanted[k]!r}; "
+            f"an extended run keeps the run's method and hyperparameters ({len(differs)} difference(s))")
+    old, new = saved["concepts"][:done], wanted["concepts"]
+    for i, (o, c) in enumerate(zip(old, new)):
+        if o != c:
+            raise checkpoint.CheckpointError(
+                f"--extend_run: concept {i + 1} of the sequence must be the run's {o['name']!r} ({o['token']}, "
+                f"{o['prompt']!r}), got {c['name']!r} ({c['token']}, {c['prompt']!r})")
+    if len(new) <= done:
+        raise checkpoint.CheckpointError(
+            f"--extend_run: the sequence has {len(new)} concept(s) and the run has trained {done}: "
+            f"nothing to add (give a longer sequence, e.g. a larger --max_concepts)")
+
+
 class _TrainStep(nn.Module):
     """What DDP wraps for one task: the UNet, the text encoders and the method's own trainable
     modules; forward = the method's loss. A fresh one per task, because DDP registers the
@@ -169,6 +205,9 @@ class ContinualTrainer:
         bb.to(acc.device)
         if getattr(a, "resolution", None) is None:
             a.resolution = bb.sample_size
+        self.fingerprint = checkpoint.fingerprint(a, self.concepts, self.method)
+        # which checkpoint to continue from, checked (fingerprint, sequence) before anything is written
+        source = self._checkpoint_to_continue()
         if getattr(a, "with_prior_preservation", False):
             self._prepare_class_images()
         targets = tuple(self.method.lora_targets)
@@ -176,22 +215,28 @@ class ContinualTrainer:
             targets += FEEDFORWARD_TARGETS
         self.layers = inject_multi_lora(bb.unet, num_adapters=self.method.slots_needed(len(self.concepts)),
                                         rank=a.rank, alpha=a.lora_alpha, targets=targets)
+        seed_adapter_slots(self.layers, a.seed, a.lora_alpha)
         for layer in self.layers.values():  # each task switches on what it trains (Method.begin_task)
             layer.lora_a.requires_grad_(False)
             layer.lora_b.requires_grad_(False)
-        for c in self.concepts:
+        for k, c in enumerate(self.concepts):
             init = c.class_word if a.token_init == "class" else None
-            bb.add_concept_token(c.token, init_word=init, generator=self.gen)
+            # a token's random start depends on the seed and its position only, not on how many
+            # concepts follow (so a run extended later equals one longer run)
+            bb.add_concept_token(c.token, init_word=init, generator=torch.Generator().manual_seed(a.seed * 7919 + 31 + k))
         for _, encoder in bb.text_pairs():
             encoder.requires_grad_(False)
         configure_backbone(bb, a)
         self.method.setup(Context(backbone=bb, layers=self.layers, concepts=self.concepts, args=a, generator=self.gen))
+        # Training's random streams start here, from the seed alone: whatever setup drew (slot
+        # inits, new embedding rows) depends on the number of concepts; training must not.
+        set_seed(a.seed)
+        self.gen.manual_seed(a.seed)
         self.evaluator = ContinualEvaluator(
             bb, self.concepts, self.method, self.judge, num_images=a.num_eval_images,
             num_inference_steps=a.eval_inference_steps, guidance_scale=a.guidance_scale, dc_timesteps=a.dc_timesteps,
             dc_images=a.dc_eval_images, seed=a.seed,
         )
-        self.fingerprint = checkpoint.fingerprint(a, self.concepts, self.method)
         if acc.log_with:
             acc.init_trackers("fastcp", config={k: v for k, v in json_safe(vars(a)).items()
                                                 if isinstance(v, (int, float, str, bool))})
@@ -206,8 +251,11 @@ class ContinualTrainer:
 
         acc.register_save_state_pre_hook(skip_models_on_save)
         acc.register_load_state_pre_hook(skip_models_on_load)
-        if getattr(a, "resume_from_checkpoint", None):
-            self._load_checkpoint()
+        if source is not None:
+            self._load_checkpoint(source, extend=bool(getattr(a, "extend_run", False)))
+        elif getattr(self, "_stale_checkpoints", False) and acc.is_main_process:
+            checkpoint.remove_all(self.out)  # --overwrite_output_dir: the old run's positions would mix with ours
+        acc.wait_for_everyone()
 
     def _prepare_class_images(self) -> None:
         """Prior preservation: every concept's class images, generated by the base model (main
@@ -237,12 +285,44 @@ class ContinualTrainer:
                         self.method.state_dict(), checkpoint.rng_state(self.gen),
                         keep=getattr(self.args, "checkpoints_total_limit", 2))
 
-    def _load_checkpoint(self) -> None:
-        path = checkpoint.find(self.out, self.args.resume_from_checkpoint)
-        state = checkpoint.load(path, self.fingerprint)
+    def _checkpoint_to_continue(self) -> Path | None:
+        """``--resume_from_checkpoint``: the given checkpoint of this very run. ``--extend_run``:
+        the run's newest finished task, whose concepts must be the first of this sequence (the
+        tasks after it are trained as they would be in one run of the whole sequence). Checks
+        the fingerprint and the sequence; raises CheckpointError (one line)."""
+        a = self.args
+        if getattr(a, "extend_run", False):
+            path = checkpoint.latest_done(self.out)
+            if path is None:
+                raise checkpoint.CheckpointError(f"--extend_run: {self.out} holds no finished task to extend "
+                                                 f"(no checkpoints/checkpoint-*-done)")
+            problem = self.method.extension_problem()
+            if problem:
+                raise checkpoint.CheckpointError(f"--extend_run: {problem}")
+            run = checkpoint.read_run(path)
+            extension_problem(run.get("fingerprint", {}), self.fingerprint, run["task"] + 1)
+            return path
+        if getattr(a, "resume_from_checkpoint", None):
+            path = checkpoint.find(self.out, a.resume_from_checkpoint)
+            differs = checkpoint.differing_keys(checkpoint.read_run(path).get("fingerprint", {}), self.fingerprint)
+            if differs:
+                raise checkpoint.CheckpointError(f"checkpoint {path} belongs to a different run (differs in {', '.join(differs)})")
+            return path
+        if checkpoint.latest(self.out) is not None:
+            if not getattr(a, "overwrite_output_dir", False):
+                raise checkpoint.CheckpointError(
+                    f"{self.out} holds checkpoints of another run: pass --resume_from_checkpoint latest to continue it, "
+                    f"--extend_run to add concepts to it, or --overwrite_output_dir to start over")
+            self._stale_checkpoints = True  # removed once setup has succeeded
+        return None
+
+    def _load_checkpoint(self, path: Path, extend: bool = False) -> None:
+        state = checkpoint.load(path, self.fingerprint, ignore=("concepts",) if extend else ())
         run = state["run"]
         for m, rows in run["matrix"].items():
-            self.evaluator.matrix[m] = [[math.nan if v is None else v for v in row] for row in rows]
+            if m in self.evaluator.matrix:  # rows of the finished tasks (an extension adds columns)
+                for n, row in enumerate(rows):
+                    self.evaluator.matrix[m][n][: len(row)] = [math.nan if v is None else v for v in row]
         self.log_rows, self.task_seconds = run["log_rows"], run["task_seconds"]
         self.t_start -= run["elapsed"]
         # The method's state first: begin_task may depend on it (fl2t's set-start module).
@@ -400,8 +480,9 @@ class ContinualTrainer:
             if acc.log_with:
                 acc.log({f"eval/{m}_mean": sum(v) / len(v) for m, v in row.items()}, step=(n + 1) * self.args.max_train_steps)
                 self._log_samples(n)
-        if getattr(self.args, "checkpointing_steps", None):
-            self._snapshot(n, self.args.max_train_steps, "done")
+        # Always: the state after a finished task is what --extend_run (and a resume after a
+        # crash between tasks) continues from; without optimizer state it is small.
+        self._snapshot(n, self.args.max_train_steps, "done")
         shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
         self.log(f"task {n + 1}/{len(self.concepts)} {self.concepts[n].name}: train {train_s:.1f}s, eval {eval_s:.1f}s, "
                  f"mean over concepts: {shown}")

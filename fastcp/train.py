@@ -16,6 +16,7 @@ before anything is written, with a one-line error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (newest in --output_dir/checkpoints) or a checkpoint file")
+    g.add_argument("--extend_run", action="store_true",
+                   help="teach more concepts to the finished run in --output_dir: give a sequence whose first "
+                        "concepts are the run's (e.g. a larger --max_concepts); only the new ones are trained, with "
+                        "the run's method and flags (taken from its results.json), and the result is that of one "
+                        "longer run")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, required=True)
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
@@ -159,6 +165,49 @@ def load_sequence(args, size: int):
             raise DataError(f"--max_concepts must be >= 1, got {args.max_concepts}")
         seq = seq[: args.max_concepts]
     return seq
+
+
+#: flags that pick the task sequence: an extension takes them as given when it gives any of them
+SEQUENCE_ARGS = ("concepts", "concepts_dir", "order_seed", "instance_data_dir", "instance_prompt", "max_concepts",
+                 "num_embedded_concepts")
+#: flags of the evaluation protocol: an extension's new rows must be measured like the run's
+EVAL_ARGS = ("num_eval_images", "eval_inference_steps", "guidance_scale", "dc_timesteps", "dc_eval_images")
+#: flags that belong to one invocation, never taken from the run
+OWN_ARGS = ("output_dir", "extend_run", "resume_from_checkpoint", "overwrite_output_dir")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags written on the command line (defaults do not count)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def inherit_run_arguments(args, argv: list[str]) -> str | None:
+    """``--extend_run``: every flag not written on the command line takes the run's value (from
+    ``<output_dir>/results.json``), so ``--extend_run --max_concepts 3`` continues the run as it
+    was launched. Returns a one-line problem, or None. The trainer then checks the fingerprint:
+    an explicit flag that changes training (method, rank, LR, hyperparameters...) is refused."""
+    out = Path(args.output_dir)
+    try:
+        saved = json.loads((out / "results.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"--extend_run: {out} holds no finished run (results.json); to continue an interrupted run "
+                f"use --resume_from_checkpoint latest")
+    given = given_flags(argv)
+    path_flags = {a.dest for a in build_parser()._actions if a.type is Path}
+    for key, value in saved.items():
+        if key in OWN_ARGS or key in given or not hasattr(args, key):
+            continue
+        if key in SEQUENCE_ARGS and given.intersection(SEQUENCE_ARGS):
+            continue
+        setattr(args, key, Path(value) if key in path_flags and value is not None else value)
+    for key in sorted(given.intersection(EVAL_ARGS)):
+        if saved.get(key) is not None and getattr(args, key) != saved[key]:
+            return (f"--extend_run: the run was evaluated with --{key} {saved[key]!r}, this call has "
+                    f"{getattr(args, key)!r}; the new rows must be measured like the run's")
+    return None
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
@@ -214,11 +263,19 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning  # a skipped file is one line, not a source excerpt
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from fastcp.data.concepts import DataError
 
     # ---- validate everything before a single file is written
+    if args.extend_run:
+        if args.resume_from_checkpoint:
+            return _fail("give --extend_run or --resume_from_checkpoint, not both "
+                         "(--extend_run continues from the run's last finished task)")
+        problem = inherit_run_arguments(args, argv)
+        if problem:
+            return _fail(problem)
     problem = validate_args(args)
     if problem:
         return _fail(problem)
@@ -226,7 +283,7 @@ def main(argv=None) -> int:
 
     resolve_defaults(args)
     out = Path(args.output_dir)
-    if (out / "results.json").exists() and not args.overwrite_output_dir:
+    if (out / "results.json").exists() and not (args.overwrite_output_dir or args.extend_run):
         return _fail(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir or pick another --output_dir")
     from fastcp.models import load_backbone
 

@@ -228,6 +228,10 @@ class Method:
     def adapter_slot(self, n: int) -> int:
         return 0
 
+    def extension_problem(self) -> str | None:
+        """Why a finished run of this method cannot take more concepts (``--extend_run``), or None."""
+        return None
+
     def state_dict(self) -> dict:
         """Method state beyond the LoRA layers and tokens (e.g. importance weights), for checkpoints:
         a nested dict of tensors and JSON values (saved as safetensors + JSON, never pickled)."""

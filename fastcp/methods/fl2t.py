@@ -274,7 +274,11 @@ class FL2T(Method):
         loss = l_diff + self.hp.fl2t_nce_weight * nce
         out = {"diff": l_diff, "nce": nce}
         if self.keep_ref is not None:
-            out["keep"] = F.mse_loss(self._earlier_coefs(self.keep_ref.shape[1], batch.task), self.keep_ref)
+            # over the slots learned so far (<= n): the padded later slots are 0 on both sides, and
+            # counting them would make the term depend on how many concepts the sequence has
+            learned = slice(0, batch.task + 1)
+            out["keep"] = F.mse_loss(self._earlier_coefs(self.keep_ref.shape[1], batch.task)[..., learned],
+                                     self.keep_ref[..., learned])
             loss = loss + self.hp.fl2t_keep_weight * out["keep"]
         return {"loss": loss, **out}
 
@@ -309,6 +313,11 @@ class FL2T(Method):
             holder.proxies = self.proxies
         return {"fl2t": holder}
 
+    def extension_problem(self) -> str | None:
+        if not self.hp.fl2t_set_size:
+            return "--fl2t_set_size 0 learns every concept of the sequence as one set; such a run cannot take more concepts"
+        return None
+
     def state_dict(self) -> dict:
         state = {"module": self.module.state_dict(), "proxies": self.proxies.detach(), "done": self.done}
         if self.module_at_set_start is not None:
@@ -323,11 +332,17 @@ class FL2T(Method):
     def load_state_dict(self, state: dict) -> None:
         dev = self.proxies.device
         self.module.load_state_dict(state["module"])
-        self.proxies.copy_(state["proxies"].to(dev))
+        # a finished run extended with more concepts (--extend_run) saved fewer proxies and
+        # slots: the new concepts' rows keep their initial values, padded coefs are 0
+        proxies = state["proxies"].to(dev)
+        self.proxies[: len(proxies)] = proxies
         self.done = int(state["done"])
         if "module_at_set_start" in state:
             self.module_at_set_start = {k: v.to(dev) for k, v in state["module_at_set_start"].items()}
-        self.keep_ref = state["keep_ref"].to(dev) if "keep_ref" in state else None
+        self.keep_ref = None
+        if "keep_ref" in state:
+            keep = state["keep_ref"].to(dev)
+            self.keep_ref = F.pad(keep, (0, self.proxies.shape[0] - keep.shape[-1]))
         for k, g in state.get("gens", {}).items():
             if int(k) in getattr(self, "gens", {}):
                 self.gens[int(k)].set_state(g)

@@ -294,6 +294,12 @@ class ContinualTrainer:
             torch.cuda.reset_peak_memory_stats(acc.device)
         bb.unet.train()
         groups = method.begin_task(n)
+        if n == 0 and self.resume is None and getattr(a, "init_lora", None) is not None:
+            # --init_lora: task 1 starts from the file (after begin_task initialised the slot, before
+            # the optimizer exists); a resume inside task 1 takes it from the checkpoint instead
+            from fastcp.models.lora_io import load_lora_adapter
+
+            load_lora_adapter(bb.unet, a.init_lora, slot=method.adapter_slot(0))
         P, accum = acc.num_processes, int(a.gradient_accumulation_steps)
         opt = make_optimizer(groups, a)
         # accelerate steps a prepared scheduler once per process per optimizer step, so the

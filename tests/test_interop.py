@@ -195,11 +195,14 @@ def test_bad_init_lora_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     full = ATTENTION_TARGETS + FEEDFORWARD_TARGETS
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
+    bad_meta = tmp_path / "bad_meta.safetensors"
+    save_file(load_file(_lora_file(tmp_path / "src", full, rank=2)), str(bad_meta), {"lora_adapter_metadata": "{nope"})
     kohya = tmp_path / "kohya.safetensors"
     save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(kohya))
     cases = [
         (tmp_path / "missing", [], "does not exist"),
         (garbage, [], "is not a safetensors file"),
+        (bad_meta, [], "unreadable lora_adapter_metadata"),
         (kohya, [], "kohya/A1111"),
         (_lora_file(tmp_path / "attn", ATTENTION_TARGETS, rank=4), [], "does not cover the layers this run trains"),
         (_lora_file(tmp_path / "big", full, rank=16), [], "has rank 16 > --rank 8; pass --rank 16"),

@@ -80,7 +80,13 @@ def check_init_lora(path: str | os.PathLike, unet: nn.Module, targets: tuple[str
         raise ValueError(f"--init_lora: {file} also holds text-encoder LoRA, which fastcp does not train; "
                          "give a UNet-only LoRA file")
     if "lora_adapter_metadata" in meta:
-        cfg = json.loads(meta["lora_adapter_metadata"])
+        try:
+            cfg = json.loads(meta["lora_adapter_metadata"])
+            alpha = float(cfg.get("unet.lora_alpha", cfg.get("lora_alpha", 1.0)))  # what load_lora_adapter reads
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"--init_lora: {file} has unreadable lora_adapter_metadata (peft config)") from None
+        if not alpha > 0:
+            raise ValueError(f"--init_lora: {file} has lora_alpha {alpha}; it must be > 0")
         if any(cfg.get(k) for k in ("unet.rank_pattern", "unet.alpha_pattern", "rank_pattern", "alpha_pattern")):
             raise ValueError(f"--init_lora: {file} has per-layer ranks or alphas (peft rank_pattern/alpha_pattern); "
                              "fastcp's adapter slot has one rank and alpha")
@@ -104,7 +110,9 @@ def check_init_lora(path: str | os.PathLike, unet: nn.Module, targets: tuple[str
         raise ValueError(f"--init_lora: {file} has layers of different ranks ({sorted(ranks)}); "
                          "fastcp's adapter slot has one rank")
     rank = ranks.pop()
-    if not 1 <= rank <= max_rank:
+    if rank < 1:
+        raise ValueError(f"--init_lora: {file} has empty (rank 0) adapters")
+    if rank > max_rank:
         raise ValueError(f"--init_lora: {file} has rank {rank} > --rank {max_rank}; pass --rank {rank} (or more)")
     return file
 

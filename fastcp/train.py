@@ -9,6 +9,8 @@ Examples::
     python -m fastcp.train --output_dir out/mine --concepts my_sequence.json --method merge
     python -m fastcp.train --output_dir out/dirs --concepts_dir my_concepts/ --order_seed 3
     python -m fastcp.train --output_dir out/one --instance_data_dir dog/ --instance_prompt "a photo of <v1> dog"
+    python -m fastcp.train --output_dir out/cd --concepts_list concepts_list.json \
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --init_lora my_lora/
 
 Bad input (missing or empty folder, unreadable images, unknown method or backbone...) stops
 before anything is written, with a one-line error and exit status 2.

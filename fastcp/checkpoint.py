@@ -61,6 +61,11 @@ def fingerprint(args, concepts, method) -> dict:
     fp["pretrained_model_name_or_path"] = str(fp["pretrained_model_name_or_path"])
     fp.update({f"hp.{k}": v for k, v in dataclasses.asdict(method.hp).items()})
     fp["concepts"] = [concept_identity(c) for c in concepts]
+    # what the model starts from beyond the flags: --init_lora's content (not its path) and the Hub revision
+    from fastcp.models.lora_init import init_lora_sha256
+
+    fp["init_lora_sha256"] = init_lora_sha256(getattr(args, "init_lora", None))
+    fp["revision"] = getattr(args, "revision", None)
     return json.loads(json.dumps(fp, default=str))
 
 

@@ -39,7 +39,8 @@ from fastcp.eval.metrics import METRICS, ContinualEvaluator
 from fastcp.files import atomic_write_json, json_safe
 from fastcp.methods import Context, get_method
 from fastcp.methods.base import lora_weight_decay
-from fastcp.nn import FEEDFORWARD_TARGETS, inject_multi_lora, routing_safe_checkpoint
+from fastcp.models.lora_init import lora_target_names
+from fastcp.nn import inject_multi_lora, routing_safe_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -210,11 +211,8 @@ class ContinualTrainer:
         source = self._checkpoint_to_continue()
         if getattr(a, "with_prior_preservation", False):
             self._prepare_class_images()
-        targets = tuple(self.method.lora_targets)
-        if a.lora_targets == "attn_ff":
-            targets += FEEDFORWARD_TARGETS
         self.layers = inject_multi_lora(bb.unet, num_adapters=self.method.slots_needed(len(self.concepts)),
-                                        rank=a.rank, alpha=a.lora_alpha, targets=targets)
+                                        rank=a.rank, alpha=a.lora_alpha, targets=lora_target_names(a, self.method))
         seed_adapter_slots(self.layers, a.seed, a.lora_alpha)
         for layer in self.layers.values():  # each task switches on what it trains (Method.begin_task)
             layer.lora_a.requires_grad_(False)
@@ -374,6 +372,12 @@ class ContinualTrainer:
             torch.cuda.reset_peak_memory_stats(acc.device)
         bb.unet.train()
         groups = method.begin_task(n)
+        if n == 0 and self.resume is None and getattr(a, "init_lora", None) is not None:
+            # --init_lora: task 1 starts from the file (after begin_task initialised the slot, before
+            # the optimizer exists); a resume inside task 1 takes it from the checkpoint instead
+            from fastcp.models.lora_io import load_lora_adapter
+
+            load_lora_adapter(bb.unet, a.init_lora, slot=method.adapter_slot(0))
         P, accum = acc.num_processes, int(a.gradient_accumulation_steps)
         opt = make_optimizer(groups, a)
         # accelerate steps a prepared scheduler once per process per optimizer step, so the

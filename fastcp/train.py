@@ -9,6 +9,8 @@ Examples::
     python -m fastcp.train --output_dir out/mine --concepts my_sequence.json --method merge
     python -m fastcp.train --output_dir out/dirs --concepts_dir my_concepts/ --order_seed 3
     python -m fastcp.train --output_dir out/one --instance_data_dir dog/ --instance_prompt "a photo of <v1> dog"
+    python -m fastcp.train --output_dir out/cd --concepts_list concepts_list.json \
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --init_lora my_lora/
 
 Bad input (missing or empty folder, unreadable images, unknown method or backbone...) stops
 before anything is written, with a one-line error and exit status 2.
@@ -33,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=DEFAULTS_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", default="tiny",
-                   help="'tiny' (embedded, default) or a diffusers pipeline directory (SD 1.x/2.x)")
-    g.add_argument("--concepts", type=Path, default=None, help="task-sequence file (JSON or YAML)")
+                   help="'tiny' (embedded, default), a diffusers pipeline directory (SD 1.x/2.x, SDXL), or a Hub "
+                        "model id (org/name) already in the local Hugging Face cache (read offline, never downloaded)")
+    g.add_argument("--revision", default=None,
+                   help="revision (branch, tag or commit) of a Hub model id in the cache (default main)")
+    g.add_argument("--concepts", "--concepts_list", type=Path, default=None,
+                   help="task-sequence file (JSON or YAML): fastcp's entries, or diffusers' Custom Diffusion "
+                        "concepts_list (instance_prompt/class_prompt/instance_data_dir/class_data_dir)")
     g.add_argument("--concepts_dir", type=Path, default=None, help="one sub-folder per concept, sorted order")
     g.add_argument("--order_seed", type=int, default=None, help="shuffle the --concepts_dir order with this seed")
     g.add_argument("--instance_data_dir", type=Path, default=None, help="a single concept's image folder")
@@ -42,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_concepts", type=int, default=None, help="use only the first N concepts of the sequence")
     g.add_argument("--num_embedded_concepts", type=int, default=6,
                    help="concepts of the embedded sequence when no data is given (default 6, at most 8)")
+    g.add_argument("--init_lora", type=Path, default=None,
+                   help="start task 1's LoRA from this diffusers/peft file (pytorch_lora_weights.safetensors, or a "
+                        "folder holding one; e.g. a fastcp task folder); its rank must be <= --rank")
     g = p.add_argument_group("method and training")
     g.add_argument("--method", default="naive", help=f"one of: {', '.join(sorted(METHODS))} (default naive)")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
@@ -139,7 +149,8 @@ def _fail(msg: str) -> int:
 def load_sequence(args, size: int):
     """The task sequence from the arguments (embedded when none is given); validates everything."""
     from fastcp.data.concepts import (
-        DataError, embedded_sequence, load_concepts_dir, load_image_folder, load_sequence_file, Concept,
+        DataError, embedded_sequence, load_concepts_dir, load_image_folder, load_sequence_file, placeholder_token,
+        Concept,
     )
 
     given = [x for x in (args.concepts, args.concepts_dir, args.instance_data_dir) if x is not None]
@@ -151,9 +162,7 @@ def load_sequence(args, size: int):
         seq = load_concepts_dir(args.concepts_dir, size, args.order_seed)
     elif args.instance_data_dir is not None:
         prompt = args.instance_prompt or "a photo of <v1> object"
-        token = next((w for w in prompt.split() if w.startswith("<") and w.endswith(">")), None)
-        if token is None:
-            raise DataError(f"--instance_prompt {prompt!r} has no placeholder token like <v1>")
+        token = placeholder_token(prompt, "--instance_prompt")
         seq = [Concept(name=Path(args.instance_data_dir).name, token=token, prompt=prompt,
                        train_images=load_image_folder(args.instance_data_dir, size), source=str(args.instance_data_dir))]
     else:
@@ -286,10 +295,12 @@ def main(argv=None) -> int:
     if (out / "results.json").exists() and not (args.overwrite_output_dir or args.extend_run):
         return _fail(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir or pick another --output_dir")
     from fastcp.models import load_backbone
+    from fastcp.models.lora_init import validate_init_lora
 
     try:
-        backbone = load_backbone(args.pretrained_model_name_or_path)
+        backbone = load_backbone(args.pretrained_model_name_or_path, revision=args.revision)
         concepts = load_sequence(args, args.resolution or backbone.sample_size)
+        validate_init_lora(args, backbone)
     except (DataError, ValueError) as exc:
         return _fail(str(exc))
     judge = None

@@ -2,8 +2,9 @@
 
 A concept = name, placeholder token (``<v1>``), prompt containing the token, optional class word,
 train images and optional held-out images. A task sequence is an ordered list of concepts, read
-from a JSON/YAML file (``--concepts``), one sub-folder per concept (``--concepts_dir``), a single
-folder (``--instance_data_dir``), or the embedded synthetic world (the default demo).
+from a JSON/YAML file (``--concepts``: fastcp's own entries, or diffusers' Custom Diffusion
+``concepts_list``, told apart by their keys), one sub-folder per concept (``--concepts_dir``), a
+single folder (``--instance_data_dir``), or the embedded synthetic world (the default demo).
 
 Every loader validates everything before training starts and raises ``DataError`` with a
 one-line message naming the file or folder.
@@ -11,6 +12,7 @@ one-line message naming the file or folder.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,10 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+#: the keys of one entry of diffusers' Custom Diffusion / DreamBooth ``--concepts_list`` file
+CONCEPTS_LIST_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
+#: a placeholder token: ``<v1>``, Custom Diffusion's ``<new1>`` (no space or angle bracket inside)
+_PLACEHOLDER = re.compile(r"<[^<>\s]+>")
 
 
 class DataError(ValueError):
@@ -117,6 +123,18 @@ def save_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = "i
         Image.fromarray(a).save(folder / f"{prefix}_{i:03d}.png")
 
 
+def placeholder_token(prompt: str, what: str) -> str:
+    """The one placeholder token (``<v1>``, ``<new1>``) of ``prompt``; DataError naming ``what``
+    when there is none or more than one (a task teaches exactly one concept)."""
+    tokens = list(dict.fromkeys(_PLACEHOLDER.findall(prompt)))
+    if not tokens:
+        raise DataError(f"{what} {prompt!r} has no placeholder token like <v1> or <new1>")
+    if len(tokens) > 1:
+        raise DataError(f"{what} {prompt!r} has several placeholder tokens ({', '.join(tokens)}); "
+                        "a task learns one concept")
+    return tokens[0]
+
+
 def _check_unique(concepts: list[Concept]) -> list[Concept]:
     names, tokens = set(), set()
     for c in concepts:
@@ -184,12 +202,66 @@ def _non_square(full: list[torch.Tensor]) -> list[torch.Tensor] | None:
     return full if any(f.shape[-1] != f.shape[-2] for f in full) else None
 
 
+def is_concepts_list(entries: list) -> bool:
+    """Whether a sequence file's entries are diffusers' ``concepts_list`` (they carry
+    ``instance_prompt``, which fastcp's own entries never do)."""
+    return any(isinstance(e, dict) and "instance_prompt" in e for e in entries)
+
+
+def _class_word(instance_prompt: str, token: str, class_prompt: str | None) -> str | None:
+    """The class word of a concepts_list entry: the last word of its class prompt (Custom
+    Diffusion's class prompts are the class, "cat", or a photo of it, "photo of a cat"), else the
+    word right after the token in the instance prompt ("photo of a <new1> cat"), else None."""
+    words = re.findall(r"[^\W\d_][\w-]*", class_prompt or "")
+    if words:
+        return words[-1]
+    after = re.match(r"\s+([^\W\d_][\w-]*)", instance_prompt.split(token, 1)[1])
+    return after.group(1) if after else None
+
+
+def concepts_list_entries(entries: list, where: str) -> list[dict]:
+    """diffusers' Custom Diffusion ``concepts_list`` entries ({"instance_prompt", "class_prompt",
+    "instance_data_dir", "class_data_dir"}) as fastcp sequence entries.
+
+    token = the placeholder in instance_prompt (``<new1>``); prompt = instance_prompt as is;
+    name = instance_data_dir's folder name, made unique with ``_2``, ``_3``... when two entries'
+    folders share a name (``a/images``, ``b/images``); class word = ``_class_word``;
+    class_prompt / class_data_dir feed prior preservation (``--with_prior_preservation``).
+    A null value counts as absent, as in diffusers' single-concept default list.
+    """
+    out, seen = [], {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: entry {i} must be a mapping, got {type(entry).__name__}")
+        entry = {k: v for k, v in entry.items() if v is not None}
+        unknown = set(entry) - set(CONCEPTS_LIST_KEYS)
+        if unknown:
+            raise DataError(f"{where}: concepts_list entry {i} has unknown key(s) {sorted(unknown)} "
+                            f"(expected {', '.join(CONCEPTS_LIST_KEYS)})")
+        for key in ("instance_prompt", "instance_data_dir"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise DataError(f"{where}: concepts_list entry {i} has no {key}")
+        prompt = entry["instance_prompt"]
+        token = placeholder_token(prompt, f"{where}: concepts_list entry {i}: instance_prompt")
+        name = Path(entry["instance_data_dir"]).name or token.strip("<>")
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}_{seen[name]}"
+        native = {"name": name, "token": token, "prompt": prompt, "train_dir": entry["instance_data_dir"],
+                  "class_word": _class_word(prompt, token, entry.get("class_prompt"))}
+        native.update({k: entry[k] for k in ("class_prompt", "class_data_dir") if k in entry})
+        out.append(native)
+    return out
+
+
 def load_sequence_file(path: str | Path, size: int) -> list[Concept]:
     """Read a task sequence (JSON or YAML): a list of concept entries, or {"concepts": [...]}.
 
     Entry keys: name, token (default <vN>), prompt (may contain "{token}"), class_word,
     train_dir (relative to the file), holdout_dir (optional), class_prompt and class_data_dir
-    (prior preservation, optional).
+    (prior preservation, optional). A list of diffusers ``concepts_list`` entries (keys
+    ``instance_prompt``, ``instance_data_dir``, ``class_prompt``, ``class_data_dir``) is read
+    too (``concepts_list_entries``). Relative paths are relative to the file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -207,6 +279,8 @@ def load_sequence_file(path: str | Path, size: int) -> list[Concept]:
     entries = data.get("concepts") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise DataError(f"task sequence file {path} must hold a list of concepts (or {{'concepts': [...]}})")
+    if is_concepts_list(entries):
+        entries = concepts_list_entries(entries, str(path))
     return _check_unique([_concept_from_entry(e, i, path.parent, size, str(path)) for i, e in enumerate(entries)])
 
 

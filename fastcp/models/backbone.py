@@ -1,6 +1,7 @@
 """One backbone object for every text-to-image model fastcp trains: the embedded ``tiny`` model
 and diffusers pipeline directories (SD 1.x/2.x, SDXL with its two text encoders and added
-conditions, see ``Conditioning``).
+conditions, see ``Conditioning``), given as a path or as a Hub model id already in the local
+Hugging Face cache (``hub_snapshot``: offline, nothing is downloaded).
 
 Everything downstream (training, the DC engine, the methods, sampling) talks to a ``Backbone``
 and a ``Conditioning``, never to pipeline-specific code.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from torch import nn
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+#: a Hub model id, ``org/name`` (what diffusers' ``from_pretrained`` takes for a non-directory)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -263,18 +267,48 @@ class Backbone:
         (path / "fastcp_backbone.json").write_text(json.dumps(index, indent=2))
 
 
-def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=torch.float32) -> Backbone:
-    """Load ``tiny`` (the embedded model) or a diffusers pipeline directory into a Backbone.
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The folder of a Hub model id's snapshot in the local Hugging Face cache, without network.
 
-    Raises ValueError with a one-line message for a missing directory or missing components.
+    As diffusers' ``from_pretrained(repo_id, local_files_only=True)``: huggingface_hub's
+    ``snapshot_download(local_files_only=True)`` looks only at the cache (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``; ``models--org--name/refs/<revision>`` ->
+    ``snapshots/<commit>/``). fastcp never downloads at run time, so a model that is not there is
+    a one-line ValueError that says how to get it.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as exc:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(
+            f"backbone: {repo_id!r} is not a local directory and not in the Hugging Face cache{at} "
+            f"({constants.HF_HUB_CACHE}); fastcp does not download: get it with `hf download {repo_id}"
+            f"{f' --revision {revision}' if revision else ''}` (older huggingface_hub: `huggingface-cli download "
+            f"{repo_id}`) or set HF_HUB_CACHE/HF_HOME to the cache that holds it") from exc
+
+
+def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=torch.float32, *,
+                  revision: str | None = None) -> Backbone:
+    """Load ``tiny`` (the embedded model), a diffusers pipeline directory, or a Hub model id
+    (``org/name``, e.g. ``runwayml/stable-diffusion-v1-5``) from the local Hugging Face cache
+    (``hub_snapshot``; ``revision`` picks the cached branch, tag or commit) into a Backbone.
+    A local directory wins over a Hub id of the same spelling, as in diffusers.
+
+    Raises ValueError with a one-line message for a missing directory or model, or missing components.
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     name = str(path_or_name)
     path = TINY_DIR if name == "tiny" else Path(name)
-    if not path.is_dir():
-        raise ValueError(f"backbone: {name!r} is neither 'tiny' nor an existing directory")
+    from_hub = not path.is_dir()
+    if from_hub:
+        if not HUB_ID.fullmatch(name):
+            raise ValueError(f"backbone: {name!r} is neither 'tiny' nor an existing directory")
+        path = hub_snapshot(name, revision)
     missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ValueError(f"backbone: {path} lacks the component folder(s) {', '.join(missing)}")
@@ -305,7 +339,8 @@ def load_backbone(path_or_name: str | os.PathLike = "tiny", device="cpu", dtype=
     for m in (unet, text_encoder, text_encoder_2, vae):
         if m is not None:
             m.requires_grad_(False).eval()
-    bb = Backbone(name="tiny" if name == "tiny" else str(path), unet=unet, text_encoder=text_encoder,
+    # a Hub id keeps its id as the name (results.json), not the cache's snapshot folder
+    bb = Backbone(name=name if name == "tiny" or from_hub else str(path), unet=unet, text_encoder=text_encoder,
                   tokenizer=tokenizer, scheduler=scheduler, vae=vae, text_encoder_2=text_encoder_2,
                   tokenizer_2=tokenizer_2)
     return bb.to(device=device)

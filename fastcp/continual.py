@@ -92,6 +92,27 @@ def make_accelerator(args):
     )
 
 
+def feature_scorers(args, backbone) -> dict:
+    """The evaluator's CLIP/DINO scorers and evaluation prompts from ``--clip_model``,
+    ``--dino_model`` and ``--eval_prompts`` (the contextual set on Stable Diffusion backbones,
+    each concept's own prompt on the tiny model, whose vocabulary has no scenes)."""
+    from fastcp.eval.prompts import CONTEXTUAL_PROMPTS, load_eval_prompts
+
+    out = {"clip": None, "dino": None, "eval_prompts": None}
+    if getattr(args, "clip_model", None) or getattr(args, "dino_model", None):
+        from fastcp.eval.features import ClipScorer, DinoScorer
+
+        if args.clip_model:
+            out["clip"] = ClipScorer(args.clip_model, backbone.device)
+        if args.dino_model:
+            out["dino"] = DinoScorer(args.dino_model, backbone.device)
+        if getattr(args, "eval_prompts", None):
+            out["eval_prompts"] = load_eval_prompts(args.eval_prompts)
+        elif backbone.name != "tiny":
+            out["eval_prompts"] = CONTEXTUAL_PROMPTS
+    return out
+
+
 def make_optimizer(groups, args):
     """AdamW (or bitsandbytes' 8-bit AdamW with --use_8bit_adam) with diffusers' Adam flags; the
     weight decay of each group is the method's (0 for tokens, ``--adam_weight_decay`` for LoRA)."""
@@ -233,7 +254,8 @@ class ContinualTrainer:
         self.evaluator = ContinualEvaluator(
             bb, self.concepts, self.method, self.judge, num_images=a.num_eval_images,
             num_inference_steps=a.eval_inference_steps, guidance_scale=a.guidance_scale, dc_timesteps=a.dc_timesteps,
-            dc_images=a.dc_eval_images, seed=a.seed,
+            dc_images=a.dc_eval_images, seed=a.seed, forgetting_norm=getattr(a, "forgetting_norm", "t_minus_1"),
+            **feature_scorers(a, bb),
         )
         if acc.log_with:
             acc.init_trackers("fastcp", config={k: v for k, v in json_safe(vars(a)).items()
@@ -462,7 +484,7 @@ class ContinualTrainer:
         acc = self.accelerator
         train_s = time.time() - self._t_task
         t1 = time.time()
-        mine = [j for j in range(len(self.concepts)) if j % acc.num_processes == acc.process_index]
+        mine = [j for j in range(n + 1) if j % acc.num_processes == acc.process_index]  # learned concepts only
         with acc.autocast():
             part = self.evaluator.evaluate_concepts(n, mine)
         merged: dict[int, dict] = {}
@@ -481,6 +503,7 @@ class ContinualTrainer:
             "row": row})
         if acc.is_main_process:
             atomic_write_json(self.out / "train_log.json", {"method": self.args.method, "tasks": self.log_rows})
+            report.save_sample_grid(self.evaluator.samples_for_grid(n), self.names, self.out / f"samples_task_{n + 1:02d}.png")
             if acc.log_with:
                 acc.log({f"eval/{m}_mean": sum(v) / len(v) for m, v in row.items()}, step=(n + 1) * self.args.max_train_steps)
                 self._log_samples(n)

@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=3.0)
     g.add_argument("--dc_timesteps", type=int, default=8, help="timesteps per image for dc_acc")
     g.add_argument("--dc_eval_images", type=int, default=4, help="held-out images per concept for dc_acc")
+    g.add_argument("--clip_model", type=Path, default=None,
+                   help="a local CLIP directory (transformers save_pretrained): adds clip_i (generated vs the concept's "
+                        "images) and clip_t (generated vs the prompt without its token); nothing is downloaded")
+    g.add_argument("--dino_model", type=Path, default=None,
+                   help="a local DINO / DINOv2 ViT directory: adds dino ([CLS] cosine, generated vs the concept's images)")
+    g.add_argument("--eval_prompts", type=Path, default=None,
+                   help="one prompt template per line with {} for the concept ('a {} on the beach' -> 'a <v1> dog on the "
+                        "beach') for the CLIP/DINO images; default: a built-in contextual set (each concept's own prompt "
+                        "on the tiny model)")
+    g.add_argument("--forgetting_norm", choices=["t_minus_1", "t"], default="t_minus_1",
+                   help="forgetting = summed drops / (T-1) (default: the concepts that can be forgotten) or / T "
+                        "(as the low-rank CP paper's released code)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="save a resumable checkpoint every N steps inside a task and after every task")
@@ -180,7 +192,8 @@ def load_sequence(args, size: int):
 SEQUENCE_ARGS = ("concepts", "concepts_dir", "order_seed", "instance_data_dir", "instance_prompt", "max_concepts",
                  "num_embedded_concepts")
 #: flags of the evaluation protocol: an extension's new rows must be measured like the run's
-EVAL_ARGS = ("num_eval_images", "eval_inference_steps", "guidance_scale", "dc_timesteps", "dc_eval_images")
+EVAL_ARGS = ("num_eval_images", "eval_inference_steps", "guidance_scale", "dc_timesteps", "dc_eval_images",
+             "clip_model", "dino_model", "eval_prompts")
 #: flags that belong to one invocation, never taken from the run
 OWN_ARGS = ("output_dir", "extend_run", "resume_from_checkpoint", "overwrite_output_dir")
 
@@ -213,7 +226,8 @@ def inherit_run_arguments(args, argv: list[str]) -> str | None:
             continue
         setattr(args, key, Path(value) if key in path_flags and value is not None else value)
     for key in sorted(given.intersection(EVAL_ARGS)):
-        if saved.get(key) is not None and getattr(args, key) != saved[key]:
+        mine = getattr(args, key)
+        if str(mine if mine is not None else None) != str(saved.get(key)):
             return (f"--extend_run: the run was evaluated with --{key} {saved[key]!r}, this call has "
                     f"{getattr(args, key)!r}; the new rows must be measured like the run's")
     return None
@@ -264,6 +278,18 @@ def validate_args(args) -> str | None:
     try:
         from_args(get_method(args.method).hyperparameters, args)
     except ValueError as exc:
+        return str(exc)
+    from fastcp.eval.features import FeatureModelError, check_model_dir
+    from fastcp.eval.prompts import EvalPromptsError, load_eval_prompts
+
+    try:
+        if getattr(args, "clip_model", None):
+            check_model_dir(args.clip_model, "--clip_model", "CLIP")
+        if getattr(args, "dino_model", None):
+            check_model_dir(args.dino_model, "--dino_model", "DINO ViT")
+        if getattr(args, "eval_prompts", None):
+            load_eval_prompts(args.eval_prompts)
+    except (FeatureModelError, EvalPromptsError) as exc:
         return str(exc)
     return None
 

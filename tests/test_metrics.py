@@ -43,3 +43,17 @@ def test_learned_is_the_diagonal_mean():
     assert learned(m) == 0.5
     with pytest.raises(ValueError, match="square"):
         learned([[1.0, 2.0]])
+
+
+def test_forgetting_norms_and_an_unmeasured_upper_triangle():
+    nan = math.nan
+    m = [[0.9, nan, nan],
+         [0.5, 0.8, nan],
+         [0.3, 0.6, 1.0]]
+    drops = (0.9 - 0.3) + (0.8 - 0.6)
+    assert summarize(m)["forgetting"] == pytest.approx(drops / 2)  # ÷(T-1), the default
+    assert summarize(m, forgetting_norm="t")["forgetting"] == pytest.approx(drops / 3)  # ÷T, luk-st/continual-lora
+    assert summarize(m)["average"] == pytest.approx((0.3 + 0.6 + 1.0) / 3)
+    assert learned(m) == pytest.approx((0.9 + 0.8 + 1.0) / 3)
+    with pytest.raises(ValueError, match="forgetting_norm"):
+        summarize(m, forgetting_norm="T")

@@ -163,3 +163,38 @@ def random_lora_unet(num_adapters: int = 3, rank: int = 4, seed: int = 0, lora_s
         for layer in layers.values():
             layer.lora_b.normal_(std=lora_std)
     return unet
+
+
+def make_tiny_clip_model(path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A random-weight transformers ``CLIPModel`` + tokenizer + image processor saved with
+    ``save_pretrained`` (what ``--clip_model`` loads), small enough for CPU tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = _tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(str(path))
+    return path
+
+
+def make_tiny_dino_model(path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A random-weight transformers ``ViTModel`` (DINO's architecture) + image processor, saved
+    with ``save_pretrained`` (what ``--dino_model`` loads)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=image_size, patch_size=8)
+    ViTModel(cfg).save_pretrained(str(path))
+    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(str(path))
+    return path

@@ -1,0 +1,72 @@
+"""Evaluation prompts: the contexts a concept is generated in for CLIP-I, CLIP-T and DINO.
+
+A template holds ``{}`` where the concept phrase goes: the phrase is the concept's token and
+class word ("<v1> dog"); CLIP-T compares each image with its prompt made with the class word
+alone ("a dog on the beach"), as DreamBooth does. ``--eval_prompts FILE`` gives one template per
+line (blank lines and lines starting with # skipped); otherwise the built-in contextual set is
+used on Stable Diffusion backbones, and on the embedded tiny model (whose vocabulary has no
+scenes) each concept's own prompt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+#: contexts in the spirit of DreamBooth's evaluation prompts (Ruiz et al. 2023): places,
+#: backgrounds, materials and styles, the same for every concept
+CONTEXTUAL_PROMPTS = (
+    "a photo of a {}",
+    "a {} on the beach",
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on a cobblestone street",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} on top of a purple rug in a forest",
+    "a {} with a blue house in the background",
+    "a {} floating on top of water",
+    "a {} on a white table in a bright kitchen",
+    "a {} in a garden full of flowers",
+    "a {} at night under the stars",
+    "a watercolor painting of a {}",
+    "a {} in front of a red brick wall",
+)
+
+
+class EvalPromptsError(ValueError):
+    """An --eval_prompts file that cannot be used (one-line message)."""
+
+
+def load_eval_prompts(path) -> tuple[str, ...]:
+    """The templates of an ``--eval_prompts`` file; each must contain ``{}`` exactly once."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalPromptsError(f"--eval_prompts: {path} cannot be read ({type(exc).__name__})") from None
+    templates = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not templates:
+        raise EvalPromptsError(f"--eval_prompts: {path} holds no prompt")
+    for i, t in enumerate(templates):
+        if t.count("{}") != 1:
+            raise EvalPromptsError(f"--eval_prompts: {path}: prompt {i + 1} {t!r} must contain '{{}}' (the concept) exactly once")
+    return templates
+
+
+def concept_phrase(concept, with_token: bool = True) -> str:
+    """"<v1> dog" (token and class word), "dog" without the token; the token alone if no class word."""
+    word = concept.class_word or ""
+    if not with_token:
+        return word or "object"
+    return f"{concept.token} {word}".strip()
+
+
+def concept_eval_prompts(concept, templates, count: int) -> tuple[list[str], list[str]]:
+    """(prompts with the token, the same without it) for ``count`` images of ``concept``: image i
+    uses template i mod len(templates); ``templates`` None means the concept's own prompt."""
+    if templates is None:
+        plain = concept.prompt.replace(concept.token, "").replace("  ", " ").strip()
+        return [concept.prompt] * count, [plain] * count
+    picked = [templates[i % len(templates)] for i in range(count)]
+    return ([t.format(concept_phrase(concept)) for t in picked],
+            [t.format(concept_phrase(concept, with_token=False)) for t in picked])

@@ -1,0 +1,135 @@
+"""CLIP-I, CLIP-T and DINO from local directories (tiny random models built with save_pretrained),
+evaluation prompts, and the evaluator's per-concept draws."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcp.eval.features import ClipScorer, DinoScorer, cosine_mean
+from fastcp.eval.prompts import CONTEXTUAL_PROMPTS, EvalPromptsError, concept_eval_prompts, load_eval_prompts
+from fastcp.models.testing import make_tiny_clip_model, make_tiny_dino_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("feature_models")
+    return make_tiny_clip_model(d / "clip"), make_tiny_dino_model(d / "dino")
+
+
+def _images(n=3, seed=0):
+    """Images [n, 3, 32, 32] in [-1, 1] that are exact uint8 values (what PIL hands a processor)."""
+    g = torch.Generator().manual_seed(seed)
+    u8 = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return u8.float() / 255 * 2 - 1, [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in u8]
+
+
+def test_features_equal_plain_transformers(models):
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+    clip_dir, dino_dir = models
+    x, pil = _images()
+    clip = ClipScorer(clip_dir)
+    ref_model, proc, tok = CLIPModel.from_pretrained(clip_dir), AutoImageProcessor.from_pretrained(clip_dir), \
+        AutoTokenizer.from_pretrained(clip_dir)
+    with torch.no_grad():
+        ref_img = ref_model.get_image_features(**proc(images=pil, return_tensors="pt"))
+        t = tok(["a photo of a dog", "a cat"], padding=True, return_tensors="pt")
+        ref_txt = ref_model.get_text_features(**t)
+    ref_img, ref_txt = (getattr(r, "pooler_output", r) for r in (ref_img, ref_txt))
+    torch.testing.assert_close(clip.images(x), ref_img, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(clip.texts(["a photo of a dog", "a cat"]), ref_txt, rtol=1e-4, atol=1e-5)
+
+    dino = DinoScorer(dino_dir)
+    ref = AutoModel.from_pretrained(dino_dir)
+    with torch.no_grad():
+        cls = ref(**AutoImageProcessor.from_pretrained(dino_dir)(images=pil, return_tensors="pt")).last_hidden_state[:, 0]
+    torch.testing.assert_close(dino.images(x), cls, rtol=1e-4, atol=1e-5)
+
+
+def test_cosine_mean_hand_cases():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert cosine_mean(a[:1], a[:1]) == pytest.approx(1.0)
+    assert cosine_mean(a[:1], a[1:]) == pytest.approx(0.0)
+    assert cosine_mean(a, a) == pytest.approx(0.5)  # mean of [[1, 0], [0, 1]]
+
+
+def test_eval_prompts(tmp_path):
+    from fastcp.data.concepts import Concept
+
+    c = Concept(name="rex", token="<v1>", prompt="a photo of <v1> dog", class_word="dog", train_images=torch.zeros(1, 3, 8, 8))
+    with_token, plain = concept_eval_prompts(c, ("a {} on the beach", "a {} in the snow"), 3)
+    assert with_token == ["a <v1> dog on the beach", "a <v1> dog in the snow", "a <v1> dog on the beach"]
+    assert plain == ["a dog on the beach", "a dog in the snow", "a dog on the beach"]
+    assert concept_eval_prompts(c, None, 2) == (["a photo of <v1> dog"] * 2, ["a photo of dog"] * 2)
+    assert all(t.count("{}") == 1 for t in CONTEXTUAL_PROMPTS)
+    f = tmp_path / "p.txt"
+    f.write_text("# contexts\na {} on a boat\n\n  a {} in space  \n")
+    assert load_eval_prompts(f) == ("a {} on a boat", "a {} in space")
+    f.write_text("a boat\n")
+    with pytest.raises(EvalPromptsError, match="must contain"):
+        load_eval_prompts(f)
+    with pytest.raises(EvalPromptsError, match="cannot be read"):
+        load_eval_prompts(tmp_path / "missing.txt")
+
+
+def test_evaluator_draws_do_not_depend_on_the_sequence_length():
+    from fastcp.data.concepts import embedded_sequence
+    from fastcp.eval.metrics import ContinualEvaluator
+    from fastcp.methods import get_method
+    from fastcp.models import load_backbone
+    from fastcp.train import make_args
+
+    bb = load_backbone("tiny")
+    method = get_method("naive")(make_args(method="naive"))
+    rows = []
+    for T in (2, 3):
+        ev = ContinualEvaluator(bb, embedded_sequence(T), method, num_images=2, num_inference_steps=2, dc_timesteps=2,
+                                dc_images=2, seed=3)
+        rows.append(ev.evaluate_row(1))
+        assert all(math.isnan(v) for v in ev.matrix["dc_acc"][0][1:])  # a concept before its task: not measured
+    for m in rows[0]:
+        assert rows[0][m][:2] == rows[1][m][:2], m
+
+
+def _cli(out, *extra):
+    return subprocess.run([sys.executable, "-P", "-m", "fastcp.train", "--output_dir", str(out), "--max_concepts", "2",
+                           "--max_train_steps", "2", "--train_batch_size", "2", "--num_eval_images", "2",
+                           "--eval_inference_steps", "2", "--dc_timesteps", "2", "--dc_eval_images", "2", *extra],
+                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+def test_clip_and_dino_matrices_in_a_run(tmp_path, models):
+    clip_dir, dino_dir = models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {}\n")
+    out = tmp_path / "run"
+    r = _cli(out, "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--eval_prompts", str(prompts),
+             "--forgetting_norm", "t")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    for m in ("fidelity", "clip_i", "clip_t", "dino", "dc_acc", "holdout_loss"):
+        mat = np.array(res["metrics"][m]["matrix"], dtype=float)
+        assert mat.shape == (2, 2) and np.isnan(mat[0, 1]), m
+        assert np.isfinite(mat[np.tril_indices(2)]).all(), m
+        if m in ("clip_i", "clip_t", "dino"):
+            assert (np.abs(mat[np.tril_indices(2)]) <= 1 + 1e-6).all(), m
+        col0 = mat[:, 0]
+        drop = (col0.max() - mat[1, 0]) if m != "holdout_loss" else (mat[1, 0] - col0.min())
+        assert res["metrics"][m]["forgetting"] == pytest.approx(drop / 2), m  # ÷T
+    for n in (1, 2):
+        assert (out / f"samples_task_{n:02d}.png").is_file()
+
+
+def test_missing_or_wrong_feature_model_is_one_line(tmp_path, models):
+    for flag, path, says in (("--clip_model", tmp_path / "nope", "is not a directory"),
+                             ("--clip_model", models[1], "not CLIP"),
+                             ("--eval_prompts", tmp_path / "nope.txt", "cannot be read")):
+        out = tmp_path / f"o{len(says)}"
+        r = _cli(out, flag, str(path))
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists()

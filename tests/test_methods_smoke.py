@@ -31,7 +31,9 @@ def test_two_task_smoke_run(tmp_path, method):
     assert len(results["concepts"]) == 2
     for name, m in results["metrics"].items():
         assert len(m["matrix"]) == 2 and all(len(r) == 2 for r in m["matrix"])
-        assert all(isinstance(v, float) and math.isfinite(v) for r in m["matrix"] for v in r), name
+        # measured from each concept's own task on (j <= n); a concept before its task is null
+        assert all(isinstance(v, float) and math.isfinite(v) for n, r in enumerate(m["matrix"]) for v in r[: n + 1]), name
+        assert all(v is None for n, r in enumerate(m["matrix"]) for v in r[n + 1:]), name
         assert math.isfinite(m["average"]) and math.isfinite(m["forgetting"])
     for n, name in enumerate(results["concepts"], 1):
         assert (out / f"task_{n:02d}_{name}" / "pytorch_lora_weights.safetensors").is_file()

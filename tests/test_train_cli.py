@@ -26,7 +26,8 @@ def check_results_schema(results: dict, num_concepts: int):
     for name, m in results["metrics"].items():
         assert set(m) == {"matrix", "average", "forgetting"}, name
         assert len(m["matrix"]) == num_concepts and all(len(r) == num_concepts for r in m["matrix"])
-        assert all(isinstance(v, float) for r in m["matrix"] for v in r), name
+        assert all(isinstance(v, float) for n, r in enumerate(m["matrix"]) for v in r[: n + 1]), name
+        assert all(v is None for n, r in enumerate(m["matrix"]) for v in r[n + 1:]), name  # before its task
         assert isinstance(m["average"], float) and isinstance(m["forgetting"], float)
     assert results["config"]["method"] == results["method"]
 

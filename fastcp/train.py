@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under --output_dir/logs")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="allow writing into a directory that already holds a finished run")
+    g.add_argument("--export_rank", type=POSINT, default=None,
+                   help="besides the exact model in <output_dir>/model/ (rewritten after every task), write an "
+                        "SVD-truncated LoRA of rank N of it (model/rank_N/, with its relative error per layer in "
+                        "svd_error.json); for methods with one model (not separate/fl2t). Default: off")
     return p
 
 

@@ -212,3 +212,17 @@ def test_model_folder_is_replaced_atomically(sd_dir, tmp_path):
             raise RuntimeError("killed while writing")
     after = {p.relative_to(trainer.out): p.read_bytes() for p in (trainer.out / MODEL_DIR).rglob("*") if p.is_file()}
     assert after == before and sorted(p.name for p in trainer.out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("method", ["merge", "separate"])
+def test_model_card_code_runs(sd_dir, tmp_path, method):
+    """The diffusers code of model_card.md, run as written, loads the model and generates."""
+    trainer = train(sd_dir, tmp_path / "run", method, max_train_steps=1)
+    card = (trainer.out / MODEL_DIR / "model_card.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert str((trainer.out / MODEL_DIR).resolve()) in code
+    scope = {}
+    exec(compile(code.replace('pipe("', 'pipe(num_inference_steps=2, prompt="'), "model_card.md", "exec"), scope)
+    assert scope["image"].size == (32, 32)
+    if method == "separate":
+        assert scope["pipe"].get_active_adapters() == [trainer.concepts[0].name]

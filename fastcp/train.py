@@ -207,6 +207,9 @@ def validate_args(args) -> str | None:
             return f"--{flag} {'' if wanted is True else wanted + ' '}needs the {module} package, which is not installed ({extra})"
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         return f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}"
+    if getattr(args, "export_rank", None) and get_method(args.method).export_form == "per_concept":
+        return (f"--export_rank applies to methods with one model; {args.method} exports one exact adapter per "
+                "concept (model/adapters/)")
     try:
         from_args(get_method(args.method).hyperparameters, args)
     except ValueError as exc:

@@ -186,6 +186,14 @@ def test_export_rank_truncation_and_errors(sd_dir, tmp_path):
     assert 0 < errors["relative_error"] < 1  # magmax's delta is not of rank 3
 
 
+def test_export_rank_is_refused_for_per_concept_methods(tmp_path, capsys):
+    from fastcp import train as cli
+
+    assert cli.main(["--output_dir", str(tmp_path / "o"), "--method", "fl2t", "--export_rank", "4"]) == 2
+    assert "--export_rank applies to methods with one model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_truncate_is_exact_at_full_rank_and_optimal():
     g = torch.Generator().manual_seed(0)
     low = {"a": (torch.randn(4, 12, generator=g), torch.randn(9, 4, generator=g))}  # rank 4 < min(9, 12)

@@ -20,6 +20,9 @@ Parts:
              checkpointing, batch 1, 20 steps, 2 concepts, methods naive and dsc; reads device,
              peak_memory_gb and seconds_per_step from each run's ``train_log.json`` (goals: naive < 12 GB,
              dsc < 24 GB; the device must be cuda when a GPU is present).
+``generate`` ``bench_generate.py --sd15``: serving K=8 personalized concepts × 2 images (SD 1.5 architecture, 512 px,
+             bf16, 10 steps): fastcp.generate's one routed batched pass against diffusers' ``set_adapters`` +
+             one pipeline call per concept, the ratio from the same run, and the two agreeing on concept 0.
 ``compare``  ``python -m fastcp.experiments compare`` at full scale (6 concepts, 400 steps, 3 seeds). Runs are
              resumable: a part stopped by its time limit continues where it stopped on the next call.
 
@@ -47,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ["build", "tests", "ops", "dc", "train", "compare"]
+PARTS = ["build", "tests", "ops", "dc", "train", "generate", "compare"]
 GPU_TESTS = ["tests/test_gpu_hotpath.py", "tests/test_triton_multi_lora.py", "tests/test_triton_compile.py",
              "tests/test_cuda_sources.py", "tests/test_ops_sync_free.py", "tests/test_ops_compile.py",
              "tests/test_ops_multi_lora.py"]
@@ -293,6 +296,30 @@ def part_train(smoke: bool, tmp: Path, limit: float) -> list[dict]:
     return rows
 
 
+def part_generate(smoke: bool, tmp: Path, limit: float) -> list[dict]:
+    if smoke:
+        args = ["--concepts", "2", "--images", "1", "--steps", "2", "--reps", "1"]
+    else:
+        args = ["--sd15", "--concepts", "8", "--images", "2", "--steps", "10", "--reps", "3"]
+    rc, out, sec, data = _bench("bench_generate.py", args, smoke, tmp, limit, "generate_rows")
+    if data is None:
+        return [row("bench_generate.py", f"rc={rc}", "runs", "fail", log=out[-1500:])]
+    by = {r["provider"]: r for r in data}
+    first = data[0]
+    speedup = round(by["diffusers_set_adapters"]["p50_ms"] / by["fastcp_routed"]["p50_ms"], 2)
+    batching = round(by["fastcp_per_concept"]["p50_ms"] / by["fastcp_routed"]["p50_ms"], 2)
+    shape = f"K={first['K']} x M={first['M']}, {first['model']}"
+    # same model, same noise: bf16 kernels differ in rounding (fastcp fused, peft separate), fp32 must agree
+    tol = 5e-2 if first["dtype"] == "bfloat16" else 1e-4
+    close = first["max_abs_diff"] <= tol
+    return [row("bench_generate.py", f"{len(data)} rows in {sec:.0f} s ({shape})", "runs", "ok"),
+            row("diffusers set_adapters per concept / fastcp routed batch", speedup, "> 1",
+                "ok" if speedup > 1 or smoke else "miss"),
+            row("fastcp per concept / fastcp routed batch", batching, "> 1", "ok" if batching > 1 or smoke else "miss"),
+            row("max |fastcp - diffusers| (concept 0 pixels)", first["max_abs_diff"], f"<= {tol:g}",
+                "ok" if close else ("miss" if first["dtype"] == "bfloat16" else "fail"))]
+
+
 def part_compare(smoke: bool, tmp: Path, limit: float, runs_dir: Path, out_dir: Path) -> list[dict]:
     if smoke:
         methods, seeds = "naive", ["0"]
@@ -364,7 +391,7 @@ def main(argv=None) -> int:
                     rows = part_compare(smoke, tmp, limit, args.runs_dir, args.out_dir)
                 else:
                     rows = {"build": part_build, "tests": part_tests, "ops": part_ops, "dc": part_dc,
-                            "train": part_train}[part](smoke, tmp, limit)
+                            "train": part_train, "generate": part_generate}[part](smoke, tmp, limit)
             except Exception as exc:  # a part that crashes is a failed check, and the others still run
                 import traceback
 

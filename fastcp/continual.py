@@ -192,7 +192,8 @@ class ContinualTrainer:
     """Trains ``concepts`` in order with ``args.method`` and evaluates after every task.
 
     Writes into ``args.output_dir``: ``task_NN_<name>/pytorch_lora_weights.safetensors`` and
-    ``learned_embeds.safetensors`` per task, ``train_log.json`` (per task: seconds, losses,
+    ``learned_embeds.safetensors`` per task, ``model/`` (the personalized model after the last finished
+    task as diffusers loads it, ``fastcp.models.export``), ``train_log.json`` (per task: seconds, losses,
     device, peak memory; updated after every task), checkpoints with ``--checkpointing_steps``,
     and at the end ``results.json``, ``<metric>_heatmap.png`` and ``samples.png``.
     """
@@ -463,17 +464,22 @@ class ContinualTrainer:
         return losses
 
     def save_task(self, n: int) -> Path:
-        """Task n's adapter and token embedding (diffusers files), then the method's end of task."""
+        """Task n's adapter and token embedding (diffusers files), the method's end of task, then the
+        personalized model after task n in ``RUN/model/`` (``fastcp.models.export``)."""
+        from fastcp.models.export import export_model, task_dir as task_folder
         from fastcp.models.lora_io import save_concept_embeddings, save_lora_adapter
 
         concept = self.concepts[n]
-        task_dir = self.out / f"task_{n + 1:02d}_{concept.name}"
+        task_dir = task_folder(self.out, n, concept.name)
         if self.accelerator.is_main_process:
             save_lora_adapter(self.bb.unet, task_dir, slot=self.method.adapter_slot(n),
                               metadata={"fastcp_method": self.args.method, "fastcp_task": str(n + 1),
                                         "fastcp_concept": concept.name})
             save_concept_embeddings(self.bb, task_dir, [concept.token])
         self.method.end_task(n)
+        if self.accelerator.is_main_process:  # the model after task n, as diffusers loads it: RUN/model/
+            export_model(self.out, self.bb, self.method, self.concepts[: n + 1],
+                         export_rank=getattr(self.args, "export_rank", None))
         return task_dir
 
     def evaluate_task(self, n: int, losses: list[float]) -> dict[str, list[float]]:

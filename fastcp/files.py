@@ -64,3 +64,59 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the call is unavailable (another OS, an old kernel or C library, a file system without it)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+class atomic_dir:
+    """Fill a folder under a temporary name, then put it in place of ``target`` in one step.
+
+        with atomic_dir(run / "model") as tmp:
+            write_everything_into(tmp)
+
+    On success the filled folder replaces ``target`` (an existing one is swapped out with
+    ``RENAME_EXCHANGE`` where Linux offers it, so ``target`` is always either the old folder or the
+    new one; elsewhere the old folder is renamed aside first, which leaves a moment with no
+    ``target``, never a half-filled one). On an exception the temporary folder is removed and
+    ``target`` is untouched.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if not self.target.exists():
+            os.replace(self.tmp, self.target)
+            return
+        if _exchange(self.tmp, self.target):  # tmp now holds the old folder
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"))
+        os.replace(self.target, old / "x")
+        os.replace(self.tmp, self.target)
+        shutil.rmtree(old, ignore_errors=True)

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under --output_dir/logs")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="allow writing into a directory that already holds a finished run")
+    g.add_argument("--export_rank", type=POSINT, default=None,
+                   help="besides the exact model in <output_dir>/model/ (rewritten after every task), write an "
+                        "SVD-truncated LoRA of rank N of it (model/rank_N/, with its relative error per layer in "
+                        "svd_error.json); for methods with one model (not separate/fl2t). Default: off")
     return p
 
 
@@ -275,6 +279,9 @@ def validate_args(args) -> str | None:
             return f"--{flag} {'' if wanted is True else wanted + ' '}needs the {module} package, which is not installed ({extra})"
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         return f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}"
+    if getattr(args, "export_rank", None) and get_method(args.method).export_form == "per_concept":
+        return (f"--export_rank applies to methods with one model; {args.method} exports one exact adapter per "
+                "concept (model/adapters/)")
     try:
         from_args(get_method(args.method).hyperparameters, args)
     except ValueError as exc:

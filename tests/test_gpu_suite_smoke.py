@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["build", "tests", "ops", "dc", "train", "compare"]
+PARTS = ["build", "tests", "ops", "dc", "train", "generate", "compare"]
 # Failures of checks found by the suite that belong to code outside the hot path would be listed here (with
 # the reason) while they are tracked elsewhere; none now. (dsc with --gradient_checkpointing crashed in the
 # backward's recompute until fastcp.nn.routing_safe_checkpoint.)
@@ -41,3 +41,5 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert rows[("dc", "bench_dc.py")]["status"] == "ok"
     assert rows[("train", "train naive")]["status"] == "ok" and rows[("train", "train dsc")]["status"] == "ok"
     assert rows[("compare", "experiments compare")]["status"] == "ok"
+    assert rows[("generate", "bench_generate.py")]["status"] == "ok"
+    assert rows[("generate", "max |fastcp - diffusers| (concept 0 pixels)")]["status"] == "ok"

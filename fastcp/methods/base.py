@@ -138,6 +138,14 @@ class Method:
     lora_targets: tuple[str, ...] = ATTENTION_TARGETS
     #: how a concept token starts under ``--token_init auto``: its class word's embedding, or random
     token_init = "class"
+    #: what the personalized model is after a task, for ``RUN/model/`` (``fastcp.models.export``):
+    #: ``"carried"``: W0 + s·B A of the live slot 0 (one LoRA carried across tasks; naive, joint);
+    #: ``"merged"``: W0 + Σ_n s_n B_n A_n, each task's slot folded into the base weight at its end
+    #: (merge, ortho, clora, ewc_dc, dsc), the factors read from the per-task adapter files;
+    #: ``"dense"``: W0 + ``dense_delta()`` (magmax: elementwise, not low rank);
+    #: ``"per_concept"``: concept j's model is W0 + Σ_k g_j[k]·s_k B_k A_k with g_j = ``concept_gates(j)``
+    #: (separate, fl2t): one adapter per concept
+    export_form = "carried"
 
     def __init__(self, args):
         self.args = args
@@ -231,6 +239,17 @@ class Method:
     def extension_problem(self) -> str | None:
         """Why a finished run of this method cannot take more concepts (``--extend_run``), or None."""
         return None
+
+    # ----------------------------------------------------------------- export (``export_form``)
+    def dense_delta(self) -> dict[str, torch.Tensor]:
+        """``"dense"`` methods: {layer name: W − W0 [out, in]} after the last finished task."""
+        raise NotImplementedError(f"{self.name}: export_form is {self.export_form!r}, not 'dense'")
+
+    def concept_gates(self, j: int) -> dict[str, torch.Tensor] | torch.Tensor:
+        """``"per_concept"`` methods: the slot gates g_j [K] of concept j after the last finished
+        task (one tensor for every layer, or {layer name: [K]}); generation of concept j scales
+        slot k by g_j[k] (``generation_routing``)."""
+        raise NotImplementedError(f"{self.name}: export_form is {self.export_form!r}, not 'per_concept'")
 
     def state_dict(self) -> dict:
         """Method state beyond the LoRA layers and tokens (e.g. importance weights), for checkpoints:

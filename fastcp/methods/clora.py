@@ -50,6 +50,7 @@ class CLoRAHyperparameters:
 @register
 class CLoRA(Method):
     name = "clora"
+    export_form = "merged"
     hyperparameters = CLoRAHyperparameters
     lora_targets = CROSS_KV_TARGETS
     token_init = "random"  # C-LoRA: no class-word initialisation (Backbone.add_concept_token, every text encoder)

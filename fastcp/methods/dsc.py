@@ -122,6 +122,7 @@ class DSCEWCHyperparameters(DSCHyperparameters, EWCHyperparameters):
 @register
 class DSC(DCTermsMixin, EWCMixin, Method):
     name = "dsc"
+    export_form = "merged"
     hyperparameters = DSCHyperparameters
     use_ewc = False
 

@@ -216,6 +216,7 @@ class EWCMixin:
 @register
 class EWCDC(DCTermsMixin, EWCMixin, Method):
     name = "ewc_dc"
+    export_form = "merged"
     hyperparameters = EWCDCHyperparameters
 
     def setup(self, ctx) -> None:

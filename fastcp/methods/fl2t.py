@@ -121,6 +121,7 @@ class FL2THyperparameters:
 @register
 class FL2T(Method):
     name = "fl2t"
+    export_form = "per_concept"
     hyperparameters = FL2THyperparameters
     # A set's concepts are trained together, so the loop hands over every arrived concept's
     # images; only the current set's are used (earlier sets are never replayed).

@@ -46,6 +46,7 @@ class MagMaxHyperparameters:
 @register
 class MagMax(Method):
     name = "magmax"
+    export_form = "dense"
     hyperparameters = MagMaxHyperparameters
 
     def setup(self, ctx) -> None:
@@ -66,6 +67,10 @@ class MagMax(Method):
             w = layer.base.weight
             w.copy_((self.w0[name] + self.tau[name]).to(w.dtype))
             layer.reset_adapter(0, rank=int(layer.ranks[0]), alpha=float(layer.scaling[0] * layer.ranks[0]))
+
+    def dense_delta(self) -> dict[str, torch.Tensor]:
+        """The merged τ per layer: W − W0 = τ (elementwise, generally of full rank)."""
+        return dict(self.tau)
 
     def state_dict(self) -> dict:
         return {"tau": dict(self.tau)}

@@ -11,6 +11,7 @@ from fastcp.methods.base import Method, register
 @register
 class Merge(Method):
     name = "merge"
+    export_form = "merged"
 
     def end_task(self, n: int) -> None:
         self.release_hooks()

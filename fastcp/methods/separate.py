@@ -45,6 +45,7 @@ def slot_gates(layers: dict, gates: dict[str, torch.Tensor] | torch.Tensor):
 @register
 class Separate(Method):
     name = "separate"
+    export_form = "per_concept"
 
     def slots_needed(self, num_concepts: int) -> int:
         return num_concepts
@@ -54,9 +55,13 @@ class Separate(Method):
         with lora_routing(list(self.ctx.layers.values()), adapter_ids=ids):
             return {"loss": self.diffusion_loss(batch)}
 
-    def generation_routing(self, j: int):
+    def concept_gates(self, j: int) -> torch.Tensor:
+        """The oracle: slot j alone, g_j = one_hot(j) [K]."""
         k = next(iter(self.ctx.layers.values())).num_adapters
-        return slot_gates(self.ctx.layers, torch.nn.functional.one_hot(torch.tensor(j), k).float())
+        return torch.nn.functional.one_hot(torch.tensor(j), k).float()
+
+    def generation_routing(self, j: int):
+        return slot_gates(self.ctx.layers, self.concept_gates(j))
 
     def adapter_slot(self, n: int) -> int:
         return n

@@ -221,12 +221,20 @@ class Backbone:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+                 generator: torch.Generator | None = None, batch_size: int = 64,
+                 latents: torch.Tensor | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [-1, 1] with DPM-Solver++ and classifier-free guidance.
 
         DPM-Solver++ (not DDIM with the training config's ``clip_sample``): clipping the x0
         estimate at the first, noisiest steps saturates colours of small models.
+        ``latents``: the initial noise [B, C, h, w] (standard normal, one per prompt) instead of
+        drawing it from ``generator`` (per-sample seeds: a sample's image then does not depend on
+        the batch it is in). Each UNet call holds the unconditional rows first, then the
+        conditional ones: rows b and n + b are sample b of a chunk of n.
         """
+        if latents is not None and tuple(latents.shape) != (len(prompts), *self.latent_shape):
+            raise ValueError(f"latents: expected [{len(prompts)}, {', '.join(map(str, self.latent_shape))}], "
+                             f"got {list(latents.shape)}")
         from diffusers import DPMSolverMultistepScheduler
 
         sched = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
@@ -237,7 +245,10 @@ class Backbone:
             cond = self.encode_prompt(chunk)
             n = len(chunk)
             both = Conditioning.cat([uncond_one.select(torch.zeros(n, dtype=torch.long, device=self.device)), cond])
-            x = torch.randn((n, *self.latent_shape), generator=generator, device="cpu").to(self.device, self.dtype)
+            if latents is None:
+                x = torch.randn((n, *self.latent_shape), generator=generator, device="cpu").to(self.device, self.dtype)
+            else:
+                x = latents[start : start + n].to(self.device, self.dtype)
             x = x * sched.init_noise_sigma
             sched.set_timesteps(num_inference_steps)
             for t in sched.timesteps:

@@ -58,6 +58,10 @@ def test_extend_equals_one_longer_run(tmp_path, method):
         for file in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
             same(load_file(str(one / task / file)), load_file(str(ext / task / file)), f"{task}/{file}", atol)
     same(model_state(one), model_state(ext), "model state after the last task", atol)
+    exported = sorted(p.relative_to(one) for p in (one / "model").rglob("*.safetensors"))
+    assert exported and exported == sorted(p.relative_to(ext) for p in (ext / "model").rglob("*.safetensors"))
+    for rel in exported:  # the diffusers-loadable model after the extension is the longer run's
+        same(load_file(str(one / rel)), load_file(str(ext / rel)), str(rel), atol)
     log = json.loads((ext / "train_log.json").read_text())["tasks"]
     assert [row["task"] for row in log] == [1, 2, 3]  # the run's rows kept, the new one added
 

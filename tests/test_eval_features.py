@@ -63,8 +63,8 @@ def test_eval_prompts(tmp_path):
 
     c = Concept(name="rex", token="<v1>", prompt="a photo of <v1> dog", class_word="dog", train_images=torch.zeros(1, 3, 8, 8))
     with_token, plain = concept_eval_prompts(c, ("a {} on the beach", "a {} in the snow"), 3)
-    assert with_token == ["a <v1> dog on the beach", "a <v1> dog in the snow", "a <v1> dog on the beach"]
-    assert plain == ["a dog on the beach", "a dog in the snow", "a dog on the beach"]
+    assert with_token == ["a <v1> dog on the beach", "a <v1> dog on the beach", "a <v1> dog in the snow"]
+    assert plain == ["a dog on the beach", "a dog on the beach", "a dog in the snow"]
     assert concept_eval_prompts(c, None, 2) == (["a photo of <v1> dog"] * 2, ["a photo of dog"] * 2)
     assert all(t.count("{}") == 1 for t in CONTEXTUAL_PROMPTS)
     f = tmp_path / "p.txt"
@@ -75,6 +75,26 @@ def test_eval_prompts(tmp_path):
         load_eval_prompts(f)
     with pytest.raises(EvalPromptsError, match="cannot be read"):
         load_eval_prompts(tmp_path / "missing.txt")
+
+
+def test_eval_prompts_spread_other_braces_and_concepts_without_class_word(tmp_path):
+    from fastcp.data.concepts import Concept
+
+    c = Concept(name="rex", token="<v1>", prompt="a photo of <v1> dog", class_word="dog", train_images=torch.zeros(1, 3, 8, 8))
+    templates = tuple(f"t{k} {{}}" for k in range(16))
+    # 4 images over 16 templates: spread over the list, not the first 4
+    assert concept_eval_prompts(c, templates, 4)[0] == [f"t{k} <v1> dog" for k in (0, 4, 8, 12)]
+    assert concept_eval_prompts(c, templates[:2], 5)[0] == ["t0 <v1> dog"] * 3 + ["t1 <v1> dog"] * 2
+    # a template with other braces is accepted by the file check, so it must also fill in
+    f = tmp_path / "p.txt"
+    f.write_text("a {} in {curly} braces\n")
+    assert concept_eval_prompts(c, load_eval_prompts(f), 1) == (["a <v1> dog in {curly} braces"],
+                                                                ["a dog in {curly} braces"])
+    # --instance_data_dir / --concepts_dir concepts have no class word: the word after the token
+    bare = Concept(name="rex", token="<v1>", prompt="a photo of <v1> dog", train_images=torch.zeros(1, 3, 8, 8))
+    assert concept_eval_prompts(bare, ("a {} on the beach",), 1) == (["a <v1> dog on the beach"], ["a dog on the beach"])
+    alone = Concept(name="rex", token="<v1>", prompt="a photo of <v1>", train_images=torch.zeros(1, 3, 8, 8))
+    assert concept_eval_prompts(alone, ("a {} on the beach",), 1) == (["a <v1> on the beach"], ["a object on the beach"])
 
 
 def test_evaluator_draws_do_not_depend_on_the_sequence_length():
@@ -128,6 +148,7 @@ def test_clip_and_dino_matrices_in_a_run(tmp_path, models):
 def test_missing_or_wrong_feature_model_is_one_line(tmp_path, models):
     for flag, path, says in (("--clip_model", tmp_path / "nope", "is not a directory"),
                              ("--clip_model", models[1], "not CLIP"),
+                             ("--dino_model", models[0], "not an image backbone"),
                              ("--eval_prompts", tmp_path / "nope.txt", "cannot be read")):
         out = tmp_path / f"o{len(says)}"
         r = _cli(out, flag, str(path))

@@ -57,3 +57,13 @@ def test_forgetting_norms_and_an_unmeasured_upper_triangle():
     assert learned(m) == pytest.approx((0.9 + 0.8 + 1.0) / 3)
     with pytest.raises(ValueError, match="forgetting_norm"):
         summarize(m, forgetting_norm="T")
+
+
+def test_reports_leave_unlearned_cells_blank(tmp_path):
+    from fastcp.eval.report import format_matrix, save_heatmap
+
+    m = [[0.9, None], [0.5, 0.8]]  # as results.json holds it
+    assert format_matrix(m, ["a", "b"], "fidelity").splitlines()[2].split() == ["after", "1", "0.900", "–"]
+    assert format_matrix([[0.9, math.nan], [0.5, 0.8]], ["a", "b"], "x").splitlines()[2].split()[-1] == "–"
+    save_heatmap([[0.9, math.nan], [0.5, 0.8]], ["a", "b"], "fidelity", tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000

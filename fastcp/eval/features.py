@@ -43,6 +43,19 @@ def check_model_dir(path, flag: str, kind: str) -> Path:
     model_type = cfg.get("model_type", "")
     if kind == "CLIP" and model_type != "clip":
         raise FeatureModelError(f"{flag}: {path} is a {model_type or 'unknown'!s} model, not CLIP (model_type 'clip')")
+    if kind != "CLIP":
+        # DINO is read through AutoModel: the class it would build must take images, else a CLIP or
+        # text model here would load and fail only at the first evaluation, after a task's training
+        from transformers import MODEL_MAPPING, AutoConfig
+
+        try:
+            model_class = MODEL_MAPPING[type(AutoConfig.from_pretrained(str(path), local_files_only=True))]
+        except Exception as exc:  # an unknown model_type, a config transformers cannot read
+            raise FeatureModelError(f"{flag}: {path} is not a model transformers' AutoModel can build "
+                                    f"({type(exc).__name__})") from None
+        if model_class.main_input_name != "pixel_values":
+            raise FeatureModelError(f"{flag}: {path} is a {model_type or 'unknown'!s} model ({model_class.__name__}), "
+                                    f"not an image backbone (a DINO / DINOv2 ViT)")
     return path
 
 

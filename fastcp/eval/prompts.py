@@ -53,20 +53,35 @@ def load_eval_prompts(path) -> tuple[str, ...]:
     return templates
 
 
+def _class_word(concept) -> str:
+    """The concept's class word; without one (``--instance_data_dir``, ``--concepts_dir``), the
+    word after the token in its prompt ("a photo of <v1> dog" -> "dog"), as DreamBooth's "sks dog"."""
+    if concept.class_word:
+        return concept.class_word
+    words = concept.prompt.split()
+    at = words.index(concept.token) + 1 if concept.token in words else len(words)
+    return words[at] if at < len(words) else ""
+
+
 def concept_phrase(concept, with_token: bool = True) -> str:
-    """"<v1> dog" (token and class word), "dog" without the token; the token alone if no class word."""
-    word = concept.class_word or ""
+    """"<v1> dog" (token and class word), "dog" without the token; the token alone (and "object")
+    if neither the concept nor its prompt names a class word."""
+    word = _class_word(concept)
     if not with_token:
         return word or "object"
     return f"{concept.token} {word}".strip()
 
 
 def concept_eval_prompts(concept, templates, count: int) -> tuple[list[str], list[str]]:
-    """(prompts with the token, the same without it) for ``count`` images of ``concept``: image i
-    uses template i mod len(templates); ``templates`` None means the concept's own prompt."""
+    """(prompts with the token, the same without it) for ``count`` images of ``concept``: of P
+    templates, image i uses template ⌊i·P/count⌋ (fewer images than templates spread evenly over
+    the list; more give each template ⌊count/P⌋ or ⌈count/P⌉ consecutive images); ``templates``
+    None means the concept's own prompt. ``{}`` is replaced as text (not ``str.format``), so a
+    template may hold other braces."""
     if templates is None:
         plain = concept.prompt.replace(concept.token, "").replace("  ", " ").strip()
         return [concept.prompt] * count, [plain] * count
-    picked = [templates[i % len(templates)] for i in range(count)]
-    return ([t.format(concept_phrase(concept)) for t in picked],
-            [t.format(concept_phrase(concept, with_token=False)) for t in picked])
+    P = len(templates)
+    picked = [templates[i * P // count] for i in range(count)]
+    return ([t.replace("{}", concept_phrase(concept)) for t in picked],
+            [t.replace("{}", concept_phrase(concept, with_token=False)) for t in picked])

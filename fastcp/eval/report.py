@@ -31,7 +31,9 @@ def save_heatmap(matrix, names: list[str], title: str, path: str | Path, higher_
     m = np.asarray(matrix, dtype=float)
     T = len(names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * T, 0.8 + 0.65 * T))
-    im = ax.imshow(m, cmap="viridis" if higher_is_better else "viridis_r")
+    # cells of concepts not learned yet (NaN) are masked: blank, and out of the colour scale
+    cmap = matplotlib.colormaps["viridis" if higher_is_better else "viridis_r"].with_extremes(bad="white")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap)
     ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(T), [f"after {i + 1}" for i in range(T)], fontsize=8)
     ax.set_xlabel("concept")
@@ -83,7 +85,10 @@ def format_table(summary: dict, names: list[str]) -> str:
 
 
 def format_matrix(matrix, names: list[str], title: str) -> str:
+    """Plain-text T×T matrix, one line per task; "–" where a concept is not learned yet (NaN in
+    the evaluator, null in results.json)."""
     lines = [title, " " * 10 + "".join(f"{n[:10]:>11}" for n in names)]
     for i, row in enumerate(matrix):
-        lines.append(f"{'after ' + str(i + 1):<10}" + "".join(f"{v:>11.3f}" for v in row))
+        lines.append(f"{'after ' + str(i + 1):<10}"
+                     + "".join(f"{v:>11.3f}" if v is not None and math.isfinite(v) else f"{'–':>11}" for v in row))
     return "\n".join(lines)

@@ -33,12 +33,15 @@ import torch
 
 from fastcp.files import atomic_save_safetensors, atomic_write_json
 
-#: training arguments that decide the result (plus the method's own hyperparameters, see ``fingerprint``)
+#: arguments that decide the result and how it is measured (plus the method's own hyperparameters, see ``fingerprint``)
 FINGERPRINT_ARGS = ("method", "rank", "lora_alpha", "lora_targets", "token_init", "learning_rate",
                     "token_learning_rate", "max_train_steps", "seed", "pretrained_model_name_or_path", "resolution", "center_crop", "random_flip",
                     "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
                     "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma", "noise_offset",
-                    "with_prior_preservation", "prior_loss_weight", "num_class_images", "mixed_precision")
+                    "with_prior_preservation", "prior_loss_weight", "num_class_images", "mixed_precision",
+                    # the evaluation protocol: rows measured otherwise would not compare
+                    "num_eval_images", "eval_inference_steps", "guidance_scale", "dc_timesteps", "dc_eval_images",
+                    "clip_model", "dino_model", "eval_prompts")
 #: MultiLoRALinear state entries indexed by adapter slot on dim 0 (grown by ``--extend_run`` for
 #: methods with one slot per concept)
 SLOT_KEYS = ("lora_a", "lora_b", "scaling", "ranks")

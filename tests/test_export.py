@@ -36,9 +36,9 @@ def sdxl_dir(tmp_path_factory):
     return make_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe")
 
 
-def train(base_dir, out, method, **extra) -> ContinualTrainer:
+def train(base_dir, out, method, num_concepts=2, **extra) -> ContinualTrainer:
     args = make_args(output_dir=out, method=method, pretrained_model_name_or_path=str(base_dir), **{**QUICK, **extra})
-    trainer = ContinualTrainer(args, load_backbone(base_dir), embedded_sequence(2), log=lambda *a, **k: None)
+    trainer = ContinualTrainer(args, load_backbone(base_dir), embedded_sequence(num_concepts), log=lambda *a, **k: None)
     trainer.run()
     trainer.bb.unet.eval()
     return trainer
@@ -234,3 +234,26 @@ def test_model_card_code_runs(sd_dir, tmp_path, method):
     assert scope["image"].size == (32, 32)
     if method == "separate":
         assert scope["pipe"].get_active_adapters() == [trainer.concepts[0].name]
+
+
+@pytest.mark.parametrize("method", ["merge", "fl2t"])
+def test_extended_run_exports_the_model_of_one_longer_run(sd_dir, tmp_path, method):
+    """--extend_run adds a concept to a finished run: model/ then equals the longer run's (the merged
+    factors of the earlier tasks come from their per-task files, which stay in the run)."""
+    from safetensors.torch import load_file
+
+    one = train(sd_dir, tmp_path / "one", method, num_concepts=3)
+    train(sd_dir, tmp_path / "ext", method, num_concepts=2)
+    ext = train(sd_dir, tmp_path / "ext", method, num_concepts=3, extend_run=True)
+    (a_dir, a), (b_dir, b) = read_index(one.out), read_index(ext.out)
+    assert a["tasks"] == b["tasks"] == 3 and [c["name"] for c in a["concepts"]] == [c["name"] for c in b["concepts"]]
+    files = sorted(p.relative_to(a_dir) for p in a_dir.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(b_dir) for p in b_dir.rglob("*.safetensors")) and len(files) >= 4
+    for f in files:
+        x, y = load_file(a_dir / f), load_file(b_dir / f)
+        assert x.keys() == y.keys(), f
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6, msg=f"{f}: {k}")
+    if method == "merge":
+        assert {t.shape[0] for k, t in load_file(b_dir / "pytorch_lora_weights.safetensors").items()
+                if k.endswith("lora_A.weight")} == {3 * ext.args.rank}

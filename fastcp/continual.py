@@ -136,6 +136,11 @@ def configure_backbone(bb, args) -> None:
         bb.unet.enable_xformers_memory_efficient_attention()
 
 
+def mean_learned(row: list[float], n: int) -> float:
+    """Mean of row n over the concepts learned so far (j <= n; later ones are not measured)."""
+    return sum(row[: n + 1]) / (n + 1)
+
+
 @torch.no_grad()
 def seed_adapter_slots(layers: dict, seed: int, alpha: float) -> None:
     """Re-draw every slot's initial A (Kaiming-uniform, B = 0) from a generator of (seed, slot):
@@ -511,14 +516,14 @@ class ContinualTrainer:
             atomic_write_json(self.out / "train_log.json", {"method": self.args.method, "tasks": self.log_rows})
             report.save_sample_grid(self.evaluator.samples_for_grid(n), self.names, self.out / f"samples_task_{n + 1:02d}.png")
             if acc.log_with:
-                acc.log({f"eval/{m}_mean": sum(v) / len(v) for m, v in row.items()}, step=(n + 1) * self.args.max_train_steps)
+                acc.log({f"eval/{m}_mean": mean_learned(v, n) for m, v in row.items()}, step=(n + 1) * self.args.max_train_steps)
                 self._log_samples(n)
         # Always: the state after a finished task is what --extend_run (and a resume after a
         # crash between tasks) continues from; without optimizer state it is small.
         self._snapshot(n, self.args.max_train_steps, "done")
-        shown = "  ".join(f"{m}={sum(v) / len(v):.3f}" for m, v in row.items())
+        shown = "  ".join(f"{m}={mean_learned(v, n):.3f}" for m, v in row.items())
         self.log(f"task {n + 1}/{len(self.concepts)} {self.concepts[n].name}: train {train_s:.1f}s, eval {eval_s:.1f}s, "
-                 f"mean over concepts: {shown}")
+                 f"mean over the {n + 1} learned concept(s): {shown}")
         return row
 
     def _log_samples(self, n: int) -> None:

@@ -2,8 +2,6 @@
 evaluation prompts, and the evaluator's per-concept draws."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -116,11 +114,19 @@ def test_evaluator_draws_do_not_depend_on_the_sequence_length():
         assert rows[0][m][:2] == rows[1][m][:2], m
 
 
-def _cli(out, *extra):
-    return subprocess.run([sys.executable, "-P", "-m", "fastcp.train", "--output_dir", str(out), "--max_concepts", "2",
-                           "--max_train_steps", "2", "--train_batch_size", "2", "--num_eval_images", "2",
-                           "--eval_inference_steps", "2", "--dc_timesteps", "2", "--dc_eval_images", "2", *extra],
-                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+def _cli(out, *extra) -> tuple[int, str]:
+    """``python -m fastcp.train`` in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from fastcp import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = train.main(["--output_dir", str(out), "--max_concepts", "2", "--max_train_steps", "2",
+                         "--train_batch_size", "2", "--num_eval_images", "2", "--eval_inference_steps", "2",
+                         "--dc_timesteps", "2", "--dc_eval_images", "2", *extra])
+    return rc, err.getvalue()
 
 
 def test_clip_and_dino_matrices_in_a_run(tmp_path, models):
@@ -128,9 +134,9 @@ def test_clip_and_dino_matrices_in_a_run(tmp_path, models):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of {}\n")
     out = tmp_path / "run"
-    r = _cli(out, "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--eval_prompts", str(prompts),
-             "--forgetting_norm", "t")
-    assert r.returncode == 0, r.stderr[-2000:]
+    rc, err = _cli(out, "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--eval_prompts", str(prompts),
+                   "--forgetting_norm", "t")
+    assert rc == 0, err[-2000:]
     res = json.loads((out / "results.json").read_text())
     for m in ("fidelity", "clip_i", "clip_t", "dino", "dc_acc", "holdout_loss"):
         mat = np.array(res["metrics"][m]["matrix"], dtype=float)
@@ -151,6 +157,6 @@ def test_missing_or_wrong_feature_model_is_one_line(tmp_path, models):
                              ("--dino_model", models[0], "not an image backbone"),
                              ("--eval_prompts", tmp_path / "nope.txt", "cannot be read")):
         out = tmp_path / f"o{len(says)}"
-        r = _cli(out, flag, str(path))
-        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        rc, err = _cli(out, flag, str(path))
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()

@@ -263,16 +263,23 @@ def refuse_unsafe_files(path: Path) -> None:
                                       f"({type(exc).__name__}); refusing to load it") from None
 
 
-def load(path: Path, expected_fingerprint: dict, ignore=()) -> dict:
-    """run.json, model, method state and RNG states of a checkpoint, after the safety and
-    fingerprint checks (accelerate's own files are loaded by ``accelerator.load_state``);
-    ``ignore``: fingerprint keys the caller checks itself (``--extend_run``: the concepts)."""
-    from safetensors.torch import load_file
-
+def read_checked_run(path: Path, expected_fingerprint: dict, ignore=()) -> dict:
+    """A checkpoint's run.json if its fingerprint is ``expected_fingerprint`` (but for the keys in
+    ``ignore``, which the caller checks itself: ``--extend_run``'s concepts); else CheckpointError."""
     run = read_run(path)
     differs = differing_keys(run.get("fingerprint", {}), expected_fingerprint, ignore)
     if differs:
         raise CheckpointError(f"checkpoint {path} belongs to a different run (differs in {', '.join(differs)})")
+    return run
+
+
+def load(path: Path, expected_fingerprint: dict, ignore=()) -> dict:
+    """run.json, model, method state and RNG states of a checkpoint, after the fingerprint
+    (``read_checked_run``) and safety checks (accelerate's own files are loaded by
+    ``accelerator.load_state``)."""
+    from safetensors.torch import load_file
+
+    run = read_checked_run(path, expected_fingerprint, ignore)
     refuse_unsafe_files(path)
     try:
         model = load_file(str(path / "model.safetensors"))

@@ -330,9 +330,7 @@ class ContinualTrainer:
             return path
         if getattr(a, "resume_from_checkpoint", None):
             path = checkpoint.find(self.out, a.resume_from_checkpoint)
-            differs = checkpoint.differing_keys(checkpoint.read_run(path).get("fingerprint", {}), self.fingerprint)
-            if differs:
-                raise checkpoint.CheckpointError(f"checkpoint {path} belongs to a different run (differs in {', '.join(differs)})")
+            checkpoint.read_checked_run(path, self.fingerprint)
             return path
         if checkpoint.latest(self.out) is not None:
             if not getattr(a, "overwrite_output_dir", False):

@@ -32,6 +32,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] in [-1, 1] (any device/dtype) -> uint8 pixels [B, H, W, 3], as PNGs hold them."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def atomic_write_png(path: str | os.PathLike, pixels) -> None:
+    """One image (a PIL image, or uint8 pixels [H, W, 3] from ``images_to_uint8``) as a PNG."""
+    import io
+
+    from PIL import Image
+
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

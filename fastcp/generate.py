@@ -32,7 +32,6 @@ concepts of a one-adapter-per-concept model) is one line ``fastcp.generate: erro
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from fastcp.files import atomic_write_bytes, atomic_write_json
+from fastcp.files import atomic_write_json, atomic_write_png, images_to_uint8
 
 #: a word that looks like a placeholder token (``<v1>``, ``<my-dog>``): unknown ones are refused
 TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
@@ -180,17 +179,12 @@ def image_names(prompts: list[str], num_images: int) -> list[str]:
 def save_images(images: torch.Tensor, prompts: list[str], num_images: int, out_dir: Path, model: PersonalizedModel,
                 seed: int) -> list[Path]:
     """PNGs, ``grid.png`` (a row per prompt) and ``images.json``; every file written atomically."""
-    from PIL import Image
-
     from fastcp.eval.report import save_sample_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     names, paths = image_names(prompts, num_images), []
-    for a, name in zip(arr, names):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        atomic_write_bytes(out_dir / name, buf.getvalue())
+    for a, name in zip(images_to_uint8(images), names):
+        atomic_write_png(out_dir / name, a)
         paths.append(out_dir / name)
     rows = {p: images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))}
     save_sample_grid(rows, prompts, out_dir / "grid.png", upscale=max(1, 96 // images.shape[-1]))
@@ -234,10 +228,12 @@ def read_prompts(args) -> list[str] | None:
     prompts = list(args.prompt)
     if args.prompt_file is not None:
         try:
-            lines = Path(args.prompt_file).read_text().splitlines()
+            text = Path(args.prompt_file).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--prompt_file {args.prompt_file}: cannot read it ({exc.__class__.__name__})") from exc
-        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        from fastcp.eval.prompts import prompt_lines
+
+        prompts += prompt_lines(text)
         if len(prompts) == len(args.prompt):
             raise ValueError(f"--prompt_file {args.prompt_file} holds no prompt")
     return prompts or None

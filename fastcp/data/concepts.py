@@ -114,13 +114,10 @@ def _to_tensor(im) -> torch.Tensor:
 
 def save_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = "img") -> None:
     """Write images [N, 3, H, W] in [-1, 1] as PNGs (used to export the embedded concepts)."""
-    from PIL import Image
+    from fastcp.files import atomic_write_png, images_to_uint8
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(arr):
-        Image.fromarray(a).save(folder / f"{prefix}_{i:03d}.png")
+    for i, a in enumerate(images_to_uint8(images)):
+        atomic_write_png(Path(folder) / f"{prefix}_{i:03d}.png", a)
 
 
 def placeholder_token(prompt: str, what: str) -> str:

@@ -7,7 +7,6 @@ without ``--class_data_dir``, ``<output_dir>/class_images/<concept name>/``.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -34,9 +33,7 @@ def ensure_class_images(backbone, prompt: str, folder: Path, num: int, *, num_in
                         guidance_scale: float, seed: int, batch_size: int = 8, log=print) -> None:
     """Generate the missing class images of ``folder`` (PNG, written atomically) with ``backbone``
     (the base model: call before training) from ``prompt``; existing images are kept."""
-    from PIL import Image
-
-    from fastcp.files import atomic_write_bytes
+    from fastcp.files import atomic_write_png, images_to_uint8
 
     have = count_images(folder)
     if have >= num:
@@ -46,11 +43,8 @@ def ensure_class_images(backbone, prompt: str, folder: Path, num: int, *, num_in
     for start in range(have, num, batch_size):
         n = min(batch_size, num - start)
         images = backbone.generate([prompt] * n, num_inference_steps, guidance_scale, generator=g)
-        arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for i, a in enumerate(arr):
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="PNG")
-            atomic_write_bytes(folder / f"class_{start + i:05d}.png", buf.getvalue())
+        for i, a in enumerate(images_to_uint8(images)):
+            atomic_write_png(folder / f"class_{start + i:05d}.png", a)
 
 
 def load_class_images(folder: Path, size: int, num: int) -> torch.Tensor:

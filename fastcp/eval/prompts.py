@@ -33,6 +33,11 @@ CONTEXTUAL_PROMPTS = (
 )
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompt file: one per line, stripped; blank lines and ``#`` comments skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 class EvalPromptsError(ValueError):
     """An --eval_prompts file that cannot be used (one-line message)."""
 
@@ -41,10 +46,10 @@ def load_eval_prompts(path) -> tuple[str, ...]:
     """The templates of an ``--eval_prompts`` file; each must contain ``{}`` exactly once."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise EvalPromptsError(f"--eval_prompts: {path} cannot be read ({type(exc).__name__})") from None
-    templates = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    templates = tuple(prompt_lines(text))
     if not templates:
         raise EvalPromptsError(f"--eval_prompts: {path} holds no prompt")
     for i, t in enumerate(templates):

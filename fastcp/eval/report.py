@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcp.files import atomic_write_bytes
+from fastcp.files import atomic_write_bytes, atomic_write_png, images_to_uint8
 
 
 def _atomic_savefig(fig, path: Path) -> None:
@@ -60,15 +60,10 @@ def save_sample_grid(samples: dict[int, torch.Tensor], names: list[str], path: s
     draw = ImageDraw.Draw(canvas)
     for i, (j, imgs) in enumerate(sorted(samples.items())):
         draw.text((4, i * (h + 2) + h // 2 - 5), names[j][:20], fill="black")
-        arr = ((imgs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for k, a in enumerate(arr):
+        for k, a in enumerate(images_to_uint8(imgs)):
             tile = Image.fromarray(a).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (label_w + k * (w + 2), i * (h + 2)))
-    import io
-
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_png(path, canvas)
 
 
 def format_table(summary: dict, names: list[str]) -> str:

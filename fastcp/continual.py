@@ -5,7 +5,7 @@
     for n in range(len(concepts)):
         trainer.train_task(n)             # the method's loss, optimizer steps on the global batch
         trainer.save_task(n)              # diffusers-loadable adapter + token embeddings
-        trainer.evaluate_task(n)          # every concept, every metric, split over processes
+        trainer.evaluate_task(n)          # every learned concept (j <= n), every metric, split over processes
     trainer.finish()                      # results.json, heatmaps, sample grid
 
 (``ContinualTrainer.run`` does exactly this; ``run_continual`` is the one-call form that
@@ -199,8 +199,10 @@ class ContinualTrainer:
     Writes into ``args.output_dir``: ``task_NN_<name>/pytorch_lora_weights.safetensors`` and
     ``learned_embeds.safetensors`` per task, ``model/`` (the personalized model after the last finished
     task as diffusers loads it, ``fastcp.models.export``), ``train_log.json`` (per task: seconds, losses,
-    device, peak memory; updated after every task), checkpoints with ``--checkpointing_steps``,
-    and at the end ``results.json``, ``<metric>_heatmap.png`` and ``samples.png``.
+    device, peak memory; updated after every task), ``samples_task_NN.png``, a checkpoint after
+    every task (what ``--extend_run`` continues from; more inside tasks with
+    ``--checkpointing_steps``), and at the end ``results.json``, ``<metric>_heatmap.png`` and
+    ``samples.png``.
     """
 
     def __init__(self, args, backbone, concepts, judge=None, log=print):

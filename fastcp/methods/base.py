@@ -143,6 +143,8 @@ class Method:
     #: ``"merged"``: W0 + Σ_n s_n B_n A_n, each task's slot folded into the base weight at its end
     #: (merge, ortho, clora, ewc_dc, dsc), the factors read from the per-task adapter files;
     #: ``"dense"``: W0 + ``dense_delta()`` (magmax: elementwise, not low rank);
+    #: ``"terms"``: W0 + Σ scale·B A over ``lora_terms()`` (the method keeps the factors itself:
+    #: ``ortho --ortho_variant paper``'s summed factors);
     #: ``"per_concept"``: concept j's model is W0 + Σ_k g_j[k]·s_k B_k A_k with g_j = ``concept_gates(j)``
     #: (separate, fl2t): one adapter per concept
     export_form = "carried"
@@ -244,6 +246,11 @@ class Method:
     def dense_delta(self) -> dict[str, torch.Tensor]:
         """``"dense"`` methods: {layer name: W − W0 [out, in]} after the last finished task."""
         raise NotImplementedError(f"{self.name}: export_form is {self.export_form!r}, not 'dense'")
+
+    def lora_terms(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+        """``"terms"`` methods: {layer name: [(A [r, in], B [out, r], scale)]} with W − W0 = Σ scale·B A
+        after the last finished task."""
+        raise NotImplementedError(f"{self.name}: export_form is {self.export_form!r}, not 'terms'")
 
     def concept_gates(self, j: int) -> dict[str, torch.Tensor] | torch.Tensor:
         """``"per_concept"`` methods: the slot gates g_j [K] of concept j after the last finished

@@ -26,6 +26,7 @@ import torch
 from fastcp.methods.base import Method, lora_weight_decay, register
 from fastcp.methods.hparams import NONNEG, hparam
 from fastcp.nn import ATTENTION_TARGETS, CROSS_KV_TARGETS
+from fastcp.nn.multi_lora import matches_target
 
 
 def clora_penalty(previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,8 @@ class CLoRA(Method):
         super().setup(ctx)
         self.lam = float(self.hp.clora_lambda)
         #: the layers C-LoRA trains and penalises (named for the default, cross-attention K/V)
-        self.kv_layers = ({n: l for n, l in ctx.layers.items() if any(n.endswith(t) for t in CROSS_KV_TARGETS)}
+        unet = ctx.backbone.unet
+        self.kv_layers = ({n: l for n, l in ctx.layers.items() if matches_target(unet, n, CROSS_KV_TARGETS)}
                           if self.only_cross_kv else dict(ctx.layers))
         if not self.kv_layers:
             raise ValueError("clora: the backbone has no cross-attention to_k/to_v layers")

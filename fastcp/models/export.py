@@ -62,7 +62,7 @@ MODEL_DIR = "model"
 INDEX_NAME = "fastcp_model.json"
 CARD_NAME = "model_card.md"
 FORMAT = "fastcp-model"
-FORMS = ("carried", "merged", "dense", "per_concept")
+FORMS = ("carried", "merged", "dense", "per_concept", "terms")
 
 #: one low-rank term of a layer's delta: (A [r, in], B [out, r], scale); ΔW = Σ scale · B A
 Term = tuple[torch.Tensor, torch.Tensor, float]
@@ -172,6 +172,8 @@ def model_factors(run_dir: str | os.PathLike, backbone, method, concepts: list) 
         return concat_lora(_task_terms(Path(run_dir), concepts))
     if form == "dense":
         return dense_lora(method.dense_delta())
+    if form == "terms":
+        return concat_lora(method.lora_terms())
     if form == "per_concept":
         return {c.name: concat_lora(_gated_terms(backbone.unet, method.concept_gates(j))) for j, c in enumerate(concepts)}
     raise ValueError(f"export: method {method.name} has an unknown export_form {form!r}; expected one of {FORMS}")

@@ -62,7 +62,7 @@ def check_init_lora(path: str | os.PathLike, unet: nn.Module, targets: tuple[str
     """
     from safetensors import safe_open
 
-    from fastcp.nn.multi_lora import _matches
+    from fastcp.nn.multi_lora import matches_target
 
     file = init_lora_file(path)
     if not file.is_file():
@@ -91,7 +91,7 @@ def check_init_lora(path: str | os.PathLike, unet: nn.Module, targets: tuple[str
             raise ValueError(f"--init_lora: {file} has per-layer ranks or alphas (peft rank_pattern/alpha_pattern); "
                              "fastcp's adapter slot has one rank and alpha")
     linears = {n: m for n, m in unet.named_modules()
-               if isinstance(m, nn.Linear) and _matches(n, targets) and ".base" not in n}
+               if isinstance(m, nn.Linear) and ".base" not in n and matches_target(unet, n, targets)}
     expected = {f"unet.{n}.lora_{m}.weight" for n in linears for m in "AB"}
     if set(shapes) != expected:
         missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -176,13 +177,17 @@ def main(argv=None) -> int:
     bb = pretrain_backbone(args.steps, args.batch_size, args.learning_rate, args.seed)
     t_unet = time.time() - t0 - t_judge
 
-    gen_acc = base_generation_accuracy(bb, judge, args.seed)
-    print(f"base-class generation: judge accuracy {gen_acc:.3f} on 64 prompts")
-
     bb.save_pretrained(tmp)
     judge.save(tmp / "judge", list(world.JUDGE_CLASSES))
+    # Measured on the model as saved and loaded, i.e. as every user gets it: the in-memory
+    # scheduler config lists its unset keys as defaults, which DPM-Solver's from_config then
+    # replaces with its own (timestep_spacing "linspace" instead of the saved "leading").
+    from fastcp.models.backbone import load_backbone
+
+    gen_acc = base_generation_accuracy(load_backbone(tmp), judge, args.seed)
+    print(f"base-class generation: judge accuracy {gen_acc:.3f} on 64 prompts")
     report = {
-        "command": "python -m fastcp.models.pretrain_tiny " + " ".join(argv or []),
+        "command": "python -m fastcp.models.pretrain_tiny " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) for k, v in vars(args).items()},
         "seconds_judge": round(t_judge, 1), "seconds_backbone": round(t_unet, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -22,8 +22,11 @@ from fastcp.ops.routing import RoutingPlan, routing_plan
 
 # Attention projections of diffusers' Attention blocks (self- and cross-attention).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# Cross-attention keys/values only (C-LoRA / Custom Diffusion).
-CROSS_KV_TARGETS = ("attn2.to_k", "attn2.to_v")
+# Cross-attention keys/values only (C-LoRA / Custom Diffusion): the K/V projections of every
+# Attention module that attends to the text (diffusers' ``Attention.is_cross_attention``). That is
+# ``attn2`` in a standard transformer block, and ``attn1`` too in a block built with
+# ``only_cross_attention`` (tiny v2 at 16x16). A "cross:" target matches only in such modules.
+CROSS_KV_TARGETS = ("cross:to_k", "cross:to_v")
 FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 
 
@@ -134,8 +137,20 @@ class MultiLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, rank={self.rank}"
 
 
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+def matches_target(model: nn.Module, name: str, targets: Sequence[str]) -> bool:
+    """Whether module ``name`` of ``model`` is a LoRA target: its qualified name ends with one of
+    ``targets``; a ``"cross:<suffix>"`` target also needs the parent Attention to be cross-attention."""
+    for t in targets:
+        cross = t.startswith("cross:")
+        suffix = t[len("cross:"):] if cross else t
+        if name == suffix or name.endswith("." + suffix):
+            if not cross:
+                return True
+            parent_name = name.rpartition(".")[0]
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if getattr(parent, "is_cross_attention", False):
+                return True
+    return False
 
 
 def inject_multi_lora(
@@ -149,7 +164,7 @@ def inject_multi_lora(
     MultiLoRALinear wrapping it (in place). Freezes the base weights. Returns {name: layer}."""
     found: dict[str, MultiLoRALinear] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and _matches(name, targets) and ".base" not in name:
+        if isinstance(module, nn.Linear) and ".base" not in name and matches_target(model, name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module.weight.requires_grad_(False)

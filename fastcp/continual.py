@@ -231,6 +231,7 @@ class ContinualTrainer:
         set_seed(a.seed)
         self.gen = torch.Generator().manual_seed(a.seed)
         self.method = get_method(a.method)(a)
+        self.concepts = self.method.training_concepts(self.concepts)
         lora_weight_decay(a, self.method.slots_needed(len(self.concepts)))  # refuse before any work
         bb.to(acc.device)
         if getattr(a, "resolution", None) is None:
@@ -446,6 +447,8 @@ class ContinualTrainer:
                                 f"non-finite loss ({losses[-1]}) at task {n + 1} ({concept.name}) step {step}; "
                                 f"the {n} finished task(s) are saved in {self.out}")
                     acc.backward(loss)
+                    if acc.sync_gradients:
+                        method.gradients_ready(acc)
                     if acc.sync_gradients and a.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, a.max_grad_norm)
                     opt.step()

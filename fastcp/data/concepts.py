@@ -50,6 +50,9 @@ class Concept:
     #: of class images (default chosen by the trainer)
     class_prompt_override: str | None = None
     class_data_dir: str | None = None
+    #: False when the method trains and prompts the token without its class word ("a photo of
+    #: <v1>"; C-LoRA): evaluation prompts then name the token alone (``concept_phrase``)
+    class_word_in_prompt: bool = True
 
     @property
     def prior_prompt(self) -> str:

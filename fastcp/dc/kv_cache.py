@@ -2,7 +2,8 @@
 
 In a DC batch every row of concept k attends to the same prompt, so ``to_k(c_k)`` and
 ``to_v(c_k)`` are the same for all N·T rows of that concept. ``CachedCrossAttnProcessor``
-replaces diffusers' processor on the cross-attention (``attn2``) modules for the duration of a
+replaces diffusers' processor on the cross-attention modules (``attn2``; ``attn1`` too in a block
+built with ``only_cross_attention``, tiny v2 at 16x16) for the duration of a
 call: the UNet receives the compact conditioning [K, L, D] (one row per concept), the processor
 projects it once per module — with the LoRA slot of each concept, so adapters on to_k/to_v stay
 exact — caches [K, L, C] keys/values for the whole call, and gathers them per row.
@@ -84,8 +85,10 @@ class CachedCrossAttnProcessor:
 
 
 def cross_attention_modules(unet) -> dict[str, object]:
-    """The cross-attention ``Attention`` modules (``attn2``) of a diffusers UNet, by name."""
-    return {n: m for n, m in unet.named_modules() if n.endswith("attn2") and hasattr(m, "set_processor")}
+    """The ``Attention`` modules of a diffusers UNet that attend to the text (``is_cross_attention``:
+    every ``attn2``, and ``attn1`` of an ``only_cross_attention`` block), by name."""
+    return {n: m for n, m in unet.named_modules()
+            if hasattr(m, "set_processor") and getattr(m, "is_cross_attention", False)}
 
 
 @contextlib.contextmanager

@@ -58,6 +58,18 @@ def load_eval_prompts(path) -> tuple[str, ...]:
     return templates
 
 
+def prompt_without_class_word(concept) -> str:
+    """The concept's prompt with the class word after its token removed ("a photo of <v1> star"
+    -> "a photo of <v1>"); unchanged when no class word follows the token."""
+    words = concept.prompt.split()
+    word = _class_word(concept)
+    if concept.token in words:
+        at = words.index(concept.token) + 1
+        if word and at < len(words) and words[at] == word:
+            del words[at]
+    return " ".join(words)
+
+
 def _class_word(concept) -> str:
     """The concept's class word; without one (``--instance_data_dir``, ``--concepts_dir``), the
     word after the token in its prompt ("a photo of <v1> dog" -> "dog"), as DreamBooth's "sks dog"."""
@@ -70,10 +82,13 @@ def _class_word(concept) -> str:
 
 def concept_phrase(concept, with_token: bool = True) -> str:
     """"<v1> dog" (token and class word), "dog" without the token; the token alone (and "object")
-    if neither the concept nor its prompt names a class word."""
+    if neither the concept nor its prompt names a class word, or if the method prompts the token
+    without its class word (``Concept.class_word_in_prompt``, C-LoRA)."""
     word = _class_word(concept)
     if not with_token:
         return word or "object"
+    if not getattr(concept, "class_word_in_prompt", True):
+        return concept.token
     return f"{concept.token} {word}".strip()
 
 

@@ -3,9 +3,12 @@
 The training loop (``fastcp.continual``) owns data, optimisation, evaluation and files; a method
 owns only what differs between methods:
 
+- ``training_concepts(concepts)``: once, first: the concepts as the method prompts them (C-LoRA
+  drops the class word);
 - ``setup(ctx)``: once, after LoRA injection (``ctx.layers``) and token creation;
 - ``begin_task(n)``: returns the parameter groups to optimise for task n;
 - ``loss(batch)``: a dict of named loss terms, ``"loss"`` being the total to minimise;
+- ``gradients_ready(accelerator)``: once per optimizer step, after its backward (gradient statistics);
 - ``end_task(n)``: merge / store / compute importance after task n;
 - ``generation_routing(j)``: a context manager that sets the adapters up to generate or score
   concept j (a no-op for methods that keep one merged model);
@@ -170,6 +173,15 @@ class Method:
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         return {"loss": self.diffusion_loss(batch)}
+
+    def training_concepts(self, concepts: list) -> list:
+        """The concepts as this method trains and prompts them; called once, before the run's
+        fingerprint (so a resumed or extended run rewrites them alike). Default: unchanged."""
+        return concepts
+
+    def gradients_ready(self, accelerator) -> None:
+        """Called once per optimizer step, after the backward of its last micro-batch and before
+        clipping and the update (``ewc_dc``'s online Fisher reads the step's gradients here)."""
 
     def end_task(self, n: int) -> None:
         pass

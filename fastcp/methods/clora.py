@@ -8,14 +8,19 @@ DESIGN.md section 6, task n (ΔW_<n = Σ_{m<n} ΔW_m, the merged earlier deltas,
 The penalty is zero where no earlier task wrote (ΔW_<n = 0) and grows with the size of what
 earlier tasks wrote, so task n is pushed to use weights that earlier tasks left alone.
 
-As in C-LoRA only the cross-attention ``attn2.to_k``/``attn2.to_v`` adapters are trained (other
-injected layers, e.g. the tiny model's feed-forward LoRA, stay at B = 0, i.e. off), and each
-concept token starts from a random embedding (no class-word initialisation).
-``--clora_targets lora`` instead trains and penalises every layer ``--lora_targets`` selects: the
-tiny model's cross-attention runs only at 8×8, and K/V alone there does not learn a concept in a
-few hundred steps (fidelity 0 after 100 steps, 0.25 after 400, where all attention projections
-with the same random token reach 0.75–1 in 100), so on tiny only this variant tests the penalty. The prompts are the
-sequence's own (shared by every method so the evaluation is the same).
+As in C-LoRA:
+
+- only the cross-attention K/V adapters are trained: the to_k/to_v of every Attention module that
+  attends to the text (``attn2``, and on tiny v2 also the cross-only ``attn1`` at 16×16); other
+  injected layers, e.g. the tiny model's feed-forward LoRA, stay at B = 0, i.e. off;
+- each concept token starts from a random embedding in every text encoder (no class-word
+  initialisation, ``Backbone.add_concept_token``);
+- the prompts name the token without its class word ("a photo of <v1>", ``training_concepts``),
+  for training and evaluation alike; ``--clora_class_word`` keeps the sequence's prompts. The
+  class word still names c_0 and the prior-preservation class images.
+
+``--clora_targets lora`` instead trains and penalises every layer ``--lora_targets`` selects (on
+tiny v1, whose cross-attention ran only at 8×8, K/V alone learned no concept: fidelity 0.03).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fastcp.methods.base import Method, lora_weight_decay, register
-from fastcp.methods.hparams import NONNEG, hparam
+from fastcp.methods.hparams import BOOL, NONNEG, hparam
 from fastcp.nn import ATTENTION_TARGETS, CROSS_KV_TARGETS
 from fastcp.nn.multi_lora import matches_target
 
@@ -46,6 +51,8 @@ class CLoRAHyperparameters:
                                 "C-LoRA's choice) or every layer --lora_targets selects (on the tiny model, whose "
                                 "cross-attention runs only at 8x8, K/V alone cannot learn a concept in a few hundred "
                                 "steps)", choices=("cross_kv", "lora"))
+    clora_class_word: bool = hparam(False, BOOL, "keep the class word in the prompts (\"a photo of <v1> star\"); "
+                                    "default off: C-LoRA prompts the token alone (\"a photo of <v1>\")")
 
 
 @register
@@ -61,6 +68,16 @@ class CLoRA(Method):
         self.only_cross_kv = self.hp.clora_targets == "cross_kv"
         if not self.only_cross_kv:
             self.lora_targets = ATTENTION_TARGETS  # plus feed-forward under --lora_targets attn_ff
+
+    def training_concepts(self, concepts: list) -> list:
+        """C-LoRA's prompts: the token without its class word (unless ``--clora_class_word``)."""
+        if self.hp.clora_class_word:
+            return concepts
+        from dataclasses import replace
+
+        from fastcp.eval.prompts import prompt_without_class_word
+
+        return [replace(c, prompt=prompt_without_class_word(c), class_word_in_prompt=False) for c in concepts]
 
     def setup(self, ctx) -> None:
         super().setup(ctx)

@@ -14,15 +14,31 @@ n's prior prompt without a token, e.g. "a photo of a star")::
         L = L_diff + δ·CE(DC logits over {c_0..c_n}, c_n) + (λ/2)·Σ_layers Σ F ⊙ (ΔW_n)²,
         ΔW_n = s·B_n A_n (the current task's LoRA delta; earlier tasks are merged into W)
 
-Per step the DC term uses ``--dc_images`` images of the batch, up to ``--dc_concepts``
-candidates (c_0 and c_n always, the rest sampled from earlier concepts) and ``--dc_train_timesteps``
-random timesteps with noise shared across concepts, all in one batched pass of the DC engine
+Per step the DC term uses ``--dc_images`` images of the batch, the candidates c_0, up to
+``--dc_concepts`` k earlier concepts (all while they fit, else a fresh sample of k each step; k=5
+was best in the paper's ablation) and c_n, and ``--dc_train_timesteps`` random timesteps with
+noise shared across concepts, all in one batched pass of the DC engine
 (``fastcp.dc.DiffusionClassifier``; gradients flow to the LoRA and the concept token).
 
-The Fisher is computed with the DC engine on every training image of D_n (``--fisher_images``
-caps it), at ``--fisher_timesteps`` evenly spaced timesteps with a fixed noise per image, by
-autograd to the base weights of the targeted layers (their requires_grad is switched on only for
-this). Storage: F has one entry per element of every targeted weight, kept in bfloat16 (range
+The Fisher F_n (``--fisher_estimate``):
+
+- ``online`` (default, the paper's): accumulated *during* task n from every minibatch's DC term:
+  the base weights W of the targeted layers take a gradient from the DC pass only (their
+  requires_grad is on from the DC forward to the end of the step's backward), so after the
+  backward W.grad = δ·∂CE_b/∂W with CE_b the minibatch's mean DC cross-entropy, i.e.
+  −∂ log p(c_n | x)/∂W averaged over the minibatch's DC images (one trial per minibatch)::
+
+      g_b = W.grad / δ   (÷ the fp16 loss scale; averaged over processes)
+      F_n = (1/S) Σ_{b=1..S} g_b²          over the S optimizer steps of task n
+
+  It costs one weight-gradient GEMM per targeted layer in the DC backward and an fp32 sum per
+  targeted weight while the task trains; needs ``--dc_delta`` > 0.
+- ``post_task``: after the task, with the DC engine on ≤ ``--fisher_images`` training images of
+  D_n at ``--fisher_timesteps`` evenly spaced timesteps with a fixed noise per image, over every
+  concept learned so far, by autograd to W with per-image gradients:
+  F_n = mean_i (∂ log p(c_n | x_i)/∂W)² (``dc_fisher``; what ``dsc_ewc`` uses).
+
+Storage: F has one entry per element of every targeted weight, kept in bfloat16 (range
 of fp32, ~3 significant digits: enough for a penalty weight, half of fp32). For SD 1.5 with
 LoRA on the attention projections (to_q/k/v/to_out.0 of the 16 transformer blocks) that is
 93.5 M entries = 187 MB in bf16 (374 MB fp32; 11 % of the 860 M UNet parameters); with the
@@ -38,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcp.methods.base import DCDraw, Method, TaskBatch, register
-from fastcp.methods.hparams import NONNEG, POS, POSINT, UNIT, hparam
+from fastcp.methods.hparams import NATURAL, NONNEG, POS, POSINT, UNIT, hparam
 
 
 @dataclass
@@ -52,8 +68,9 @@ class DCHyperparameters:
                              "lowered by raising the other candidates' errors on D_n, which wrecks the shared weights; on "
                              "tiny, delta=0.1 raised the held-out loss after task 1 from 0.11 to 0.24 (0.66 by task 3), "
                              "delta=0.01 still forgot concept 1's fidelity fully, 0.001 kept holdout loss at naive's level)")
-    dc_concepts: int = hparam(5, POSINT, "DC candidates per step incl. c_0 and c_n (default 5: all seen concepts up to "
-                              "a cap that bounds the per-step cost)")
+    dc_concepts: int = hparam(5, NATURAL, "k, earlier concepts among the DC candidates per step, besides c_0 and c_n "
+                              "(default 5, the paper's best k: all earlier concepts while they fit, else a fresh "
+                              "sample of k each step)")
     dc_train_timesteps: int = hparam(2, POSINT, "DC timesteps per step (default 2: a fresh draw every step averages out)")
     dc_images: int = hparam(4, POSINT, "images of the global batch that get DC terms per step (default 4 = half the "
                             "default batch: the DC pass has images x concepts x timesteps rows)")
@@ -73,7 +90,10 @@ class EWCHyperparameters:
 
 @dataclass
 class EWCDCHyperparameters(DCHyperparameters, EWCHyperparameters):
-    pass
+    fisher_estimate: str = hparam("online", str, "online: F_n accumulated during task n from every minibatch's DC-term "
+                                  "gradient, squared and averaged (the paper's; default); post_task: computed after the "
+                                  "task on <= --fisher_images images at --fisher_timesteps fixed timesteps",
+                                  choices=("online", "post_task"))
 
 
 # --------------------------------------------------------------------------- shared DC helpers
@@ -82,12 +102,12 @@ class DCTermsMixin:
 
     def dc_candidates(self, n: int) -> tuple[list[str], list[str]]:
         """(old prompts, [c_n's prompt]) for task n: c_0 = concept n's prior prompt, then up to
-        ``dc_concepts − 2`` earlier concepts (all of them while they fit; else sampled)."""
+        k = ``dc_concepts`` earlier concepts (all of them while they fit; else k sampled)."""
         concepts = self.ctx.concepts
-        cap = int(self.hp.dc_concepts)
+        k = int(self.hp.dc_concepts)
         earlier = list(range(n))
-        if len(earlier) > max(0, cap - 2):
-            perm = torch.randperm(len(earlier), generator=self.ctx.generator)[: max(0, cap - 2)]
+        if len(earlier) > k:
+            perm = torch.randperm(len(earlier), generator=self.ctx.generator)[:k]
             earlier = sorted(earlier[i] for i in perm.tolist())
         old = [concepts[n].prior_prompt] + [concepts[m].prompt for m in earlier]
         return old, [concepts[n].prompt]
@@ -219,27 +239,92 @@ class EWCDC(DCTermsMixin, EWCMixin, Method):
     export_form = "merged"
     hyperparameters = EWCDCHyperparameters
 
+    def __init__(self, args):
+        super().__init__(args)
+        self.online = self.hp.fisher_estimate == "online"
+        if self.online and not self.hp.dc_delta > 0:
+            raise ValueError("--fisher_estimate online takes the Fisher from the DC term's gradients and needs "
+                             "--dc_delta > 0; use --fisher_estimate post_task with --dc_delta 0")
+
     def setup(self, ctx) -> None:
         super().setup(ctx)
         self.ewc_setup()
+        #: online: Σ_b g_b² per layer (fp32) and the number of steps summed, for the task in progress
+        self.fisher_sum: dict[str, torch.Tensor] = {}
+        self.fisher_steps = torch.zeros((), device=ctx.backbone.device)
 
     def dc_active(self) -> bool:
         return self.hp.dc_delta > 0
 
+    def _base_weights_take_grad(self, on: bool) -> None:
+        for layer in self.ctx.layers.values():
+            layer.base.weight.requires_grad_(on)
+
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        if self.online:  # L_diff must not reach W.grad (graph edges are fixed at forward time)
+            self._base_weights_take_grad(False)
         l_diff = self.diffusion_loss(batch)
-        ce = self.dc_ce(batch) if batch.dc is not None else torch.zeros((), device=l_diff.device)
+        if batch.dc is not None:
+            if self.online:  # from here to the step's backward, the DC pass's gradient reaches W.grad
+                self._base_weights_take_grad(True)
+            ce = self.dc_ce(batch)
+        else:
+            ce = torch.zeros((), device=l_diff.device)
         ewc = self.ewc_penalty()
         return {"loss": l_diff + self.hp.dc_delta * ce + ewc, "diff": l_diff, "dc_ce": ce, "ewc": ewc}
 
+    @torch.no_grad()
+    def gradients_ready(self, accelerator) -> None:
+        """online: after the step's backward (all micro-batches), add g_b² to the running sum,
+        g_b = W.grad / (δ · loss scale), averaged over processes; a step whose g_b is not finite
+        (fp16 overflow: the scaler skips it too) is left out, decided on the device (no sync)."""
+        if not self.online:
+            return
+        scaler = getattr(accelerator, "scaler", None)
+        scale = float(self.hp.dc_delta) * (float(scaler.get_scale()) if scaler is not None else 1.0)  # once a step
+        grads = {}
+        for name, layer in self.ctx.layers.items():
+            w = layer.base.weight
+            g = w.grad.float() / scale if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+            if accelerator.num_processes > 1:
+                g = accelerator.reduce(g, reduction="mean")
+            grads[name] = g
+            w.grad = None
+        self._base_weights_take_grad(False)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all().float()
+        for name, g in grads.items():
+            sq = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) ** 2 * finite
+            prev = self.fisher_sum.get(name)
+            self.fisher_sum[name] = sq if prev is None else prev + sq
+        self.fisher_steps = self.fisher_steps + finite
+
+    def task_fisher(self, n: int) -> dict[str, torch.Tensor]:
+        if not self.online:
+            return super().task_fisher(n)
+        steps = self.fisher_steps.clamp_min(1.0)
+        f_n = {name: self.fisher_sum[name] / steps if name in self.fisher_sum
+               else torch.zeros_like(layer.base.weight, dtype=torch.float32)
+               for name, layer in self.ctx.layers.items()}
+        self.fisher_sum, self.fisher_steps = {}, torch.zeros_like(self.fisher_steps)
+        return f_n
+
     def end_task(self, n: int) -> None:
         self.release_hooks()
+        self._base_weights_take_grad(False)
         for layer in self.ctx.layers.values():
             layer.merge_adapter_(0)
         self.ewc_update(n)
 
     def state_dict(self) -> dict:
-        return self.ewc_state()
+        state = self.ewc_state()
+        if self.online:  # a checkpoint inside a task keeps what the task has summed so far
+            state["fisher_sum"], state["fisher_steps"] = dict(self.fisher_sum), self.fisher_steps
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.load_ewc_state(state)
+        if self.online:
+            dev = self.ctx.backbone.device
+            self.fisher_sum = {k: v.to(dev) for k, v in state.get("fisher_sum", {}).items()}
+            steps = state.get("fisher_steps")
+            self.fisher_steps = (steps.to(dev) if torch.is_tensor(steps) else torch.zeros((), device=dev))

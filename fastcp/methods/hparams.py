@@ -43,6 +43,8 @@ POS = typed(float, lambda v: v > 0, "a number > 0")
 POSINT = typed(int, lambda v: v >= 1, "an integer >= 1")
 NATURAL = typed(int, lambda v: v >= 0, "an integer >= 0")
 FLOAT = typed(float, lambda v: True, "a number")
+#: an on/off switch: the flag takes no value (``--clora_class_word``), default off
+BOOL = bool
 
 
 def hparam(default, kind, help: str, choices=None):
@@ -87,7 +89,9 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: dict) -> None
     for fname, f in fields.items():
         kind = f.metadata["kind"]
         kwargs = {"default": f.default, "help": f"{'/'.join(users[fname])}: {f.metadata['help']}"}
-        if f.metadata.get("choices"):
+        if kind is BOOL:
+            kwargs["action"] = "store_true"
+        elif f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         else:
             kwargs["type"] = kind

@@ -1,17 +1,28 @@
-"""``magmax``: per-task deltas merged by elementwise maximum magnitude (Marczak et al. 2024;
-the "selective update" of Deja et al. 2024 with ``--mask_topk``).
+"""``magmax``: task vectors merged by elementwise maximum magnitude (MagMax, Marczak et al. 2024).
 
-DESIGN.md section 6, per targeted layer::
+Two variants (``--magmax_variant``), per targeted layer.
+
+``incremental`` (default): the low-rank CP paper's ``mag_max_light`` (Deja et al. 2024; GitHub
+luk-st/continual-lora, ``lora/train_dreambooth_lora_sdxl.py``). Each task trains on the *merged*
+model and contributes only its own delta::
 
     task n trains a fresh LoRA on top of W = W0 + τ_<n;   τ_n = W_after − W_before = s·B_n A_n
-    optional selective update (--mask_topk p):  τ_n ← M_n ⊙ τ_n,  M_n = 1 on the ⌈p·numel⌉…
-        exactly round(p·numel) entries of largest |τ_n| in the layer, 0 elsewhere
-    τ = magmax(τ_1, …, τ_n):  τ[i] = τ_{m*}[i],  m* = argmax_m |τ_m[i]|  (ties: earliest task)
+    τ = magmax(τ_1, …, τ_n):  τ[i] = τ_{m*}[i],  m* = argmax_m |τ_m[i]|
     W = W0 + τ
 
-The elementwise max-|·| is associative (with earliest-task ties), so only the running merged τ
-is kept (one fp32 tensor per layer, plus W0), not every τ_n. With p = 1 (default) nothing is
-masked: the plain MagMax merge.
+``cumulative``: MagMax's own form. Tasks are fine-tuned in a chain (task n starts from the end of
+task n−1, not from the merge), each task vector is cumulative, and the merge is only what is
+evaluated and exported::
+
+    S_n = S_{n−1} + s·B_n A_n        (the chain: task n trains on W = W0 + S_{n−1})
+    τ = magmax(S_1, …, S_n);   evaluated / exported model W = W0 + τ
+
+The elementwise max-|·| is associative, so only the running merged τ is kept (one fp32 tensor per
+layer, plus W0; ``cumulative`` also keeps S). Ties (equal |·|) keep the earlier task, where the
+released code keeps the later: they differ only on exact ties, e.g. entries both tasks left at 0.
+
+``--mask_topk p`` < 1 is fastcp's addition, in neither paper's released code: before the merge it
+keeps only the round(p·numel) entries of largest |τ_n| in each layer (τ_n ← M_n ⊙ τ_n).
 """
 from __future__ import annotations
 
@@ -38,9 +49,13 @@ def topk_mask(tau: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @dataclass
 class MagMaxHyperparameters:
-    mask_topk: float = hparam(1.0, FRACTION, "keep only this top fraction of |tau_n| per layer before the "
-                              "max-magnitude merge (default 1.0 = plain MagMax; the selective update of Deja et al. "
-                              "uses e.g. 0.1)")
+    magmax_variant: str = hparam("incremental", str, "incremental: each task trains on the merged model and "
+                                 "contributes its own delta (the low-rank CP paper's mag_max_light, default); "
+                                 "cumulative: MagMax's chain of fine-tunings, merging the cumulative task vectors",
+                                 choices=("incremental", "cumulative"))
+    mask_topk: float = hparam(1.0, FRACTION, "fastcp's addition (in neither paper's released code): keep only this "
+                              "top fraction of |tau_n| per layer before the max-magnitude merge (default 1.0: "
+                              "nothing masked)")
 
 
 @register
@@ -54,12 +69,27 @@ class MagMax(Method):
         self.mask_topk = float(self.hp.mask_topk)
         self.w0 = {n: l.base.weight.detach().float().clone() for n, l in ctx.layers.items()}
         self.tau: dict[str, torch.Tensor] = {}
+        self.cumulative = self.hp.magmax_variant == "cumulative"
+        #: cumulative: the chain's S_n = W_chain − W0 per layer
+        self.chain: dict[str, torch.Tensor] = {}
+
+    def begin_task(self, n: int) -> list[dict]:
+        if self.cumulative and n > 0:  # back from the merged model (evaluated) to the chain's end
+            with torch.no_grad():
+                for name, layer in self.ctx.layers.items():
+                    w = layer.base.weight
+                    w.copy_((self.w0[name] + self.chain[name]).to(w.dtype))
+        return super().begin_task(n)
 
     @torch.no_grad()
     def end_task(self, n: int) -> None:
         self.release_hooks()
         for name, layer in self.ctx.layers.items():
             tau_n = layer.delta_weight(0).detach()  # = W_after − W_before
+            if self.cumulative:
+                prev_chain = self.chain.get(name)
+                self.chain[name] = tau_n if prev_chain is None else prev_chain + tau_n
+                tau_n = self.chain[name]
             if self.mask_topk < 1.0:
                 tau_n = tau_n * topk_mask(tau_n, self.mask_topk)
             prev = self.tau.get(name)
@@ -73,8 +103,9 @@ class MagMax(Method):
         return dict(self.tau)
 
     def state_dict(self) -> dict:
-        return {"tau": dict(self.tau)}
+        return {"tau": dict(self.tau), "chain": dict(self.chain)}
 
     def load_state_dict(self, state: dict) -> None:
         dev = self.ctx.backbone.device
         self.tau = {n: v.to(dev) for n, v in state["tau"].items()}
+        self.chain = {n: v.to(dev) for n, v in state.get("chain", {}).items()}

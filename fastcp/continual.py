@@ -55,6 +55,15 @@ class RunResult:
     task_seconds: list[float] = field(default_factory=list)
 
 
+def _peak_rss_gb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except (ImportError, OSError):  # not on Linux / macOS
+        return None
+
+
 def resolve_defaults(args, backbone_name: str | None = None):
     """Fill the arguments whose default depends on others, the same way for the CLI and the Python
     API (idempotent): ``--lora_alpha`` = rank, ``--lora_targets auto`` (attention + feed-forward on
@@ -400,7 +409,7 @@ class ContinualTrainer:
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(acc.device)
         bb.unet.train()
-        groups = method.begin_task(n)
+        groups = [g for g in method.begin_task(n) if g is not None]
         if n == 0 and self.resume is None and getattr(a, "init_lora", None) is not None:
             # --init_lora: task 1 starts from the file (after begin_task initialised the slot, before
             # the optimizer exists); a resume inside task 1 takes it from the checkpoint instead
@@ -514,6 +523,9 @@ class ContinualTrainer:
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "device": str(dev),
             "num_processes": acc.num_processes,
             "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
+            # the process's peak resident memory so far (Linux: KiB); on the CPU, the peak of a run
+            # started in its own process (``fastcp.experiments compare`` does)
+            "peak_rss_gb": _peak_rss_gb(),
             "row": row})
         if acc.is_main_process:
             atomic_write_json(self.out / "train_log.json", {"method": self.args.method, "tasks": self.log_rows})

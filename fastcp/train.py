@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learning_rate", type=float, default=2e-3,
                    help="LoRA learning rate (default 2e-3: tiny model, few hundred steps)")
     g.add_argument("--token_learning_rate", type=float, default=5e-3,
-                   help="learning rate of each concept's token embedding (default 5e-3)")
+                   help="learning rate of each concept's token embedding (default 5e-3; 0 trains no token: it keeps its "
+                        "initial embedding, as in the low-rank CP paper, which trains only the LoRA)")
     g.add_argument("--max_train_steps", type=int, default=400, help="optimizer steps per task (default 400)")
     g.add_argument("--train_batch_size", type=int, default=8)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,

@@ -45,7 +45,7 @@ def test_magmax_topk_and_fl2t_concurrent_set_run(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--mask_topk", "1.5"), ("--ewc_gamma", "2"), ("--dc_temperature", "0"),
-                                        ("--dc_concepts", "0"), ("--clora_lambda", "-1")])
+                                        ("--dc_concepts", "-1"), ("--clora_lambda", "-1")])
 def test_bad_method_hyperparameter_is_a_clean_error(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         train.main(["--method", "magmax", "--output_dir", str(tmp_path / "o"), *TINY, flag, value])

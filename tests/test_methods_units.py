@@ -1,4 +1,7 @@
-"""Hand-checkable cases of the CP methods (DESIGN.md section 6), on a random-weight tiny backbone."""
+"""Hand-checkable cases of the CP methods (DESIGN.md section 6) and their paper-faithful variants, on a
+random-weight tiny backbone."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -6,7 +9,7 @@ from fastcp.data.concepts import embedded_sequence
 from fastcp.methods.base import TaskBatch
 from fastcp.methods.clora import clora_penalty
 from fastcp.methods.magmax import topk_mask
-from fastcp.methods.ortho import orthogonal_init
+from fastcp.methods.ortho import column_rotation_init, orthogonal_init
 from fastcp.nn import FEEDFORWARD_TARGETS
 from fastcp.train import build_parser
 
@@ -68,7 +71,11 @@ def test_clora_penalty_hand_value_and_gradient():
 
 def test_clora_method_penalty_is_the_sum_over_kv_layers_after_a_merge():
     m = make_method("clora")
-    assert set(m.kv_layers) and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in m.kv_layers)
+    # every module that attends to the text: attn2 everywhere, attn1 of tiny v2's cross-only 16x16 blocks
+    unet = m.ctx.backbone.unet
+    assert set(m.kv_layers) and all(n.endswith(("to_k", "to_v")) and unet.get_submodule(n.rpartition(".")[0])
+                                    .is_cross_attention for n in m.kv_layers)
+    assert any(n.endswith("attn1.to_k") for n in m.kv_layers) and any(n.endswith("attn2.to_v") for n in m.kv_layers)
     assert m.penalty().item() == 0.0  # nothing written yet
     randomize_current_adapter(m)
     first = {n: l.delta_weight(0).clone() for n, l in m.kv_layers.items()}
@@ -109,7 +116,7 @@ def test_orthogonal_init_is_orthogonal_and_keeps_the_scale():
 
 
 def test_ortho_new_task_a_is_orthogonal_to_every_earlier_a():
-    m = make_method("ortho", num_concepts=3)
+    m = make_method("ortho", "--ortho_variant", "exact", num_concepts=3)
     earlier = {n: [] for n in m.ctx.layers}
     for task in range(3):
         m.begin_task(task)
@@ -196,8 +203,9 @@ def test_ewc_dc_fisher_equals_squared_autograd_gradients_of_log_p():
     assert not any(l.base.weight.requires_grad for l in layers.values())  # switched back off
 
 
-def test_ewc_penalty_and_online_fisher_update():
-    m = make_method("ewc_dc", "--fisher_images", "2", "--fisher_timesteps", "2", "--ewc_gamma", "0.5")
+def test_ewc_penalty_and_post_task_fisher_update():
+    m = make_method("ewc_dc", "--fisher_estimate", "post_task", "--fisher_images", "2", "--fisher_timesteps", "2",
+                    "--ewc_gamma", "0.5")
     assert m.ewc_penalty().item() == 0.0
     m.end_task(0)  # merge (nothing) + Fisher of task 0
     f0 = {n: f.float().clone() for n, f in m.fisher.items()}
@@ -350,3 +358,175 @@ def test_separate_routes_generation_to_the_concepts_slot():
         expect = layer.base(x) + layer.scaling[1] * (x @ layer.lora_a[1].T) @ layer.lora_b[1].T
     assert torch.allclose(y1, expect, atol=1e-5)
     assert torch.equal(layer.scaling, torch.ones(2))  # restored
+
+
+# ============================================================================= paper-faithful variants
+# ortho paper|exact, magmax incremental|cumulative, clora's prompts and token, ewc_dc's online
+# Fisher and k earlier DC candidates, fl2t's prompt routing, --token_learning_rate 0.
+
+
+# ----------------------------------------------------------------------------- ortho
+def test_column_rotation_is_a_unit_vector_orthogonal_to_each_column():
+    g = torch.Generator().manual_seed(0)
+    a_cum = torch.randn(4, 11, generator=g)
+    a_cum[:, 3] = 0  # a zero column still gets a unit vector
+    new = column_rotation_init(a_cum)
+    assert new.shape == (4, 11)
+    assert (new * a_cum).sum(0).abs().max() < 1e-5  # column j ⟂ column j of the summed A
+    assert torch.allclose(new.norm(dim=0), torch.ones(11), atol=1e-5)
+    # hand case, r = 2: the only unit vectors orthogonal to (1, 0) are (0, ±1)
+    two = column_rotation_init(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert torch.allclose(two[:, 0].abs(), torch.tensor([0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(two[:, 1].abs(), torch.tensor([1.0, 0.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="a_cum"):
+        column_rotation_init(torch.randn(1, 5))
+
+
+def test_ortho_paper_merges_summed_factors_like_the_released_code():
+    """W = W0 + s·(B_0 + B_1)(A_0 + A_1) after two tasks (luk-st/continual-lora merge_loras), A_1
+    rotated from A_0 column by column, and the export terms equal W − W0."""
+    m = make_method("ortho", num_concepts=3)  # the default variant is the paper's
+    assert m.paper and m.export_form == "terms"
+    w0 = {n: l.base.weight.detach().clone() for n, l in m.ctx.layers.items()}
+    factors = []
+    for task in range(2):
+        m.begin_task(task)
+        if task == 1:
+            for n, l in m.ctx.layers.items():
+                assert torch.allclose(l.lora_a[0], column_rotation_init(factors[0][n][0]), atol=1e-6)
+        randomize_current_adapter(m, scale=0.05 * (task + 1))
+        factors.append({n: (l.lora_a[0].detach().clone(), l.lora_b[0].detach().clone()) for n, l in m.ctx.layers.items()})
+        m.release_hooks()
+        m.end_task(task)
+    terms = m.lora_terms()
+    for n, l in m.ctx.layers.items():
+        (a0, b0), (a1, b1) = factors[0][n], factors[1][n]
+        s = float(l.scaling[0])
+        expect = w0[n] + s * (b0 + b1) @ (a0 + a1)
+        assert torch.allclose(l.base.weight, expect, atol=1e-6), n
+        # the cross terms are really there: the exact merge would differ
+        assert not torch.allclose(l.base.weight, w0[n] + s * (b0 @ a0 + b1 @ a1), atol=1e-6)
+        ((a, b, scale),) = terms[n]
+        assert torch.allclose(scale * b @ a, l.base.weight - w0[n], atol=1e-6)
+        assert float(l.lora_b[0].detach().abs().max()) == 0.0  # fresh slot
+    state = m.state_dict()
+    m.load_state_dict({k: {n: v.clone() for n, v in d.items()} for k, d in state.items()})
+    assert all(torch.equal(m.a_cum[n], state["a_cum"][n]) for n in state["a_cum"])
+
+
+# ----------------------------------------------------------------------------- magmax
+def test_magmax_cumulative_trains_a_chain_and_merges_cumulative_vectors():
+    m = make_method("magmax", "--magmax_variant", "cumulative", num_concepts=3)
+    w0 = {n: l.base.weight.detach().clone() for n, l in m.ctx.layers.items()}
+    deltas = []
+    for task in range(2):
+        m.begin_task(task)
+        if task == 1:  # back on the chain: W0 + S_1 (= the merge after one task)
+            for n, l in m.ctx.layers.items():
+                assert torch.allclose(l.base.weight, w0[n] + deltas[0][n], atol=1e-6)
+        randomize_current_adapter(m, scale=0.05 * (task + 1))
+        deltas.append({n: l.delta_weight(0).detach().clone() for n, l in m.ctx.layers.items()})
+        m.release_hooks()
+        m.end_task(task)
+    for n, l in m.ctx.layers.items():
+        s1, s2 = deltas[0][n], deltas[0][n] + deltas[1][n]
+        merged = torch.where(s2.abs() > s1.abs(), s2, s1)
+        assert torch.allclose(l.base.weight, w0[n] + merged, atol=1e-6), n  # evaluated: the merge
+        assert torch.allclose(m.dense_delta()[n], merged, atol=1e-6)
+    m.begin_task(2)  # task 3 trains on the chain's end W0 + S_2, not on the merge
+    for n, l in m.ctx.layers.items():
+        assert torch.allclose(l.base.weight, w0[n] + deltas[0][n] + deltas[1][n], atol=1e-6), n
+    m.release_hooks()
+
+
+# ----------------------------------------------------------------------------- clora
+def test_clora_prompts_drop_the_class_word_unless_asked():
+    from fastcp.eval.prompts import concept_phrase
+
+    m = make_method("clora")
+    for c in m.ctx.concepts:
+        assert c.prompt.split()[-1] == c.token and c.class_word and c.class_word not in c.prompt.split()
+        assert concept_phrase(c) == c.token and c.prior_prompt.endswith(c.class_word)  # c_0 keeps the class
+    kept = make_method("clora", "--clora_class_word")
+    assert all(c.prompt.split()[-1] == c.class_word for c in kept.ctx.concepts)
+
+
+def test_clora_token_starts_random_in_every_text_encoder(tmp_path):
+    from fastcp.models import load_backbone
+    from fastcp.models.testing import make_tiny_sdxl_pipeline
+
+    bb = load_backbone(make_tiny_sdxl_pipeline(tmp_path / "sdxl"))
+    bb.add_concept_token("<v1>", init_word=None, generator=torch.Generator().manual_seed(0))  # clora's token_init
+    for (tokenizer, encoder), tid in zip(bb.text_pairs(), bb.concept_token_ids("<v1>")):
+        table = encoder.get_input_embeddings().weight.detach()
+        dog = tokenizer("dog", add_special_tokens=False).input_ids[0]
+        assert not torch.allclose(table[tid], table[dog])
+        assert float(table[tid].norm()) == pytest.approx(float(table[:tid].norm(dim=1).mean()), rel=1e-4)
+    assert len(bb.text_pairs()) == 2
+
+
+# ----------------------------------------------------------------------------- ewc_dc
+def test_online_fisher_is_the_mean_of_squared_minibatch_dc_gradients():
+    m = make_method("ewc_dc", "--dc_images", "2", "--dc_train_timesteps", "1", "--train_batch_size", "2")
+    assert m.online  # the paper's estimate is the default
+    bb = m.ctx.backbone
+    latents = [bb.encode_images(m.ctx.concepts[0].train_images)]
+    acc = SimpleNamespace(num_processes=1, scaler=None)
+    ws = {n: l.base.weight for n, l in m.ctx.layers.items()}
+    m.begin_task(0)
+    expect = {n: torch.zeros_like(w) for n, w in ws.items()}
+    steps = 3
+    for _ in range(steps):
+        batch = m.draw_step(0, latents, 2)
+        # independent: d CE_b / dW by autograd on the DC term alone
+        for w in ws.values():
+            w.requires_grad_(True)
+        grads = torch.autograd.grad(m.dc_ce(batch), list(ws.values()), allow_unused=True)
+        for (n, w), g in zip(ws.items(), grads):
+            w.requires_grad_(False)
+            if g is not None:
+                expect[n] += g ** 2 / steps
+        # the method's way: W takes the gradient of the whole loss's backward (L_diff must not reach it)
+        m.loss(batch)["loss"].backward()
+        m.gradients_ready(acc)
+        assert all(w.grad is None and not w.requires_grad for w in ws.values())
+    m.release_hooks()
+    f = m.task_fisher(0)
+    assert max(float(e.abs().max()) for e in expect.values()) > 0
+    for n in ws:
+        assert torch.allclose(f[n], expect[n], rtol=1e-3, atol=1e-6 * float(expect[n].abs().max()) + 1e-30), n
+    with pytest.raises(ValueError, match="--dc_delta"):
+        make_method("ewc_dc", "--dc_delta", "0")
+    assert not make_method("ewc_dc", "--dc_delta", "0", "--fisher_estimate", "post_task").online
+
+
+def test_dc_concepts_counts_earlier_tasks():
+    m = make_method("ewc_dc", "--dc_concepts", "2", num_concepts=5)
+    old, new = m.dc_candidates(4)
+    assert len(old) == 1 + 2 and new == [m.ctx.concepts[4].prompt]  # c_0, k = 2 earlier, c_n
+    assert old[0] == m.ctx.concepts[4].prior_prompt
+    m5 = make_method("ewc_dc", num_concepts=5)  # default k = 5: every earlier concept while they fit
+    assert len(m5.dc_candidates(4)[0]) == 1 + 4
+
+
+# ----------------------------------------------------------------------------- fl2t
+def test_fl2t_routes_by_the_prompts_token_and_learns_sets_of_two_by_default():
+    m = make_method("fl2t", num_concepts=3)
+    assert m.set_size == 2
+    c = m.ctx.concepts
+    slots = m.prompt_slots([c[1].prompt, c[0].prompt, "a photo of a star", f"{c[2].token} on a table"])
+    assert slots.tolist() == [1, 0, -1, 2]
+    e = torch.zeros(2, m.proxies.shape[1])
+    coefs, _ = m.coefs(e, torch.tensor([1, -1]), upto=2)
+    assert all(float(cf[0, 1]) == 1.0 for cf in coefs)  # own adapter on
+    assert all(float(cf[1].max()) < 1.0 for cf in coefs)  # a prompt without a token has none forced on
+
+
+# ----------------------------------------------------------------------------- tokens
+def test_token_learning_rate_zero_trains_no_token():
+    m = make_method("naive", "--token_learning_rate", "0")
+    groups = m.begin_task(0)
+    assert groups[0] is None and groups[1] is not None
+    emb = m.ctx.backbone.text_encoder.get_input_embeddings().weight
+    assert not emb.requires_grad
+    m.release_hooks()

@@ -6,7 +6,8 @@ owns only what differs between methods:
 - ``training_concepts(concepts)``: once, first: the concepts as the method prompts them (C-LoRA
   drops the class word);
 - ``setup(ctx)``: once, after LoRA injection (``ctx.layers``) and token creation;
-- ``begin_task(n)``: returns the parameter groups to optimise for task n;
+- ``begin_task(n)``: returns the parameter groups to optimise for task n (None entries are skipped:
+  ``token_param_group`` under ``--token_learning_rate 0``);
 - ``loss(batch)``: a dict of named loss terms, ``"loss"`` being the total to minimise;
 - ``gradients_ready(accelerator)``: once per optimizer step, after its backward (gradient statistics);
 - ``end_task(n)``: merge / store / compute importance after task n;
@@ -292,13 +293,17 @@ class Method:
             params += [layer.lora_a, layer.lora_b]
         return params
 
-    def token_param_group(self, n: int) -> dict:
+    def token_param_group(self, n: int) -> dict | None:
         """Task n's concept-token embedding row in every text encoder (the rest of each table gets
-        zero gradient, and the group has no weight decay, so Adam leaves it untouched)."""
+        zero gradient, and the group has no weight decay, so Adam leaves it untouched).
+        None under ``--token_learning_rate 0``: no token is trained (the token keeps its initial
+        embedding, as in the low-rank CP paper), and the text encoders take no backward."""
+        self._hooks = getattr(self, "_hooks", [])
+        if not token_training(self.args):
+            return None
         bb = self.ctx.backbone
         token = self.ctx.concepts[n].token
         tables = []
-        self._hooks = []
         for (_, encoder), token_id in zip(bb.text_pairs(), bb.concept_token_ids(token)):
             emb = encoder.get_input_embeddings().weight
             emb.requires_grad_(True)
@@ -352,6 +357,11 @@ class Method:
         prior = batch.prior.to(err.dtype)
         instance = batch.share_of_mean((err * (1 - prior)).sum(), batch.global_rows - batch.prior_rows)
         return instance + float(self.args.prior_loss_weight) * batch.share_of_mean((err * prior).sum(), batch.prior_rows)
+
+
+def token_training(args) -> bool:
+    """Whether concept tokens are trained (``--token_learning_rate`` > 0)."""
+    return float(getattr(args, "token_learning_rate", 0.0) or 0.0) > 0
 
 
 def draw_rows(pool, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

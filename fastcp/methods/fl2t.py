@@ -15,17 +15,18 @@ encoder **without positional encoding** over the proxies of the concepts learned
         + w_nce · InfoNCE,   InfoNCE = CE( s[b, ·] / τ_c , id_b )   over the proxies seen so far
         + w_keep · mean_{l, j < set start, k} ( coef_l[j, k] − coef_l^start[j, k] )²
 
-The prompt's own adapter is always on (its token names it, so this is no oracle); the proxies
+The prompt's own adapter is always on: id_b is read from the prompt's tokens (the concept token it
+contains; none: no own adapter), never from the row's label, so this is no oracle; the proxies
 decide how much every other concept's adapter helps this prompt, per layer (inter-concept
 guidance). Generation of concept j uses the same coef_l[j, ·], fixed over the batch.
 
 The last term (routing keep, ``--fl2t_keep_weight``) is fastcp's addition for the incremental
-case: the set module is shared, so fitting a new set would otherwise re-route the prompts of
-earlier sets (switching the new adapters into them, or raising every c_l). It holds earlier
+case, not in the paper (which learns its concepts as one set): the set module is shared, so
+fitting a new set would otherwise re-route the prompts of earlier sets (switching the new adapters into them, or raising every c_l). It holds earlier
 concepts' coef at their values when the set started (new slots at 0); it needs only their prompts,
-no images. With one set (``--fl2t_set_size 0``, the paper's setting) it is absent.
+no images. With one set (``--fl2t_set_size 0``) it is absent.
 
-Concepts arrive in sets of ``--fl2t_set_size`` consecutive tasks (default 1). Within a set the
+Concepts arrive in sets of ``--fl2t_set_size`` consecutive tasks (default 2). Within a set the
 concepts are learned concurrently: at each task of the set, the set's slots, proxies, tokens and
 the set module restart from their values at the start of the set (slot and sampling randomness
 seeded by the concept's name, not its position) and every arrived concept of the set is trained
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcp.methods.base import Method, TaskBatch, draw_rows, register
+from fastcp.methods.base import Method, TaskBatch, draw_rows, register, token_training
 from fastcp.methods.hparams import FLOAT, NATURAL, NONNEG, POS, POSINT, hparam
 from fastcp.methods.separate import slot_gates
 from fastcp.models.noise import noisy_input_and_target
@@ -99,8 +100,11 @@ def per_layer_coef(layers: dict, coefs: list[torch.Tensor]):
 
 @dataclass
 class FL2THyperparameters:
-    fl2t_set_size: int = hparam(1, NATURAL, "concepts learned concurrently per set (default 1 = each task a set, "
-                                "strictly continual; 0 = the whole sequence is one set, the paper's concurrent setting)")
+    fl2t_set_size: int = hparam(2, NATURAL, "concepts per set, learned concurrently in one routed batch; later sets "
+                                "are added without replay (default 2, the smallest set in which concepts learn together; "
+                                "1 = every concept alone, i.e. separate adapters plus routing; 0 = the whole sequence "
+                                "as one set: every task retrains all earlier concepts on their images, which is replay, "
+                                "an offline upper bound outside the continual setting)")
     fl2t_proxy_dim: int = hparam(64, POSINT, "width d of proxies in the set module (default 64)")
     fl2t_heads: int = hparam(4, POSINT, "attention heads of the set module (default 4)")
     fl2t_layers: int = hparam(1, POSINT, "encoder layers of the set module (default 1)")
@@ -185,7 +189,8 @@ class FL2T(Method):
                      for k in self.active}
         bb = self.ctx.backbone
         emb = bb.text_encoder.get_input_embeddings().weight
-        emb.requires_grad_(True)
+        train_tokens = token_training(self.args)
+        emb.requires_grad_(train_tokens)
         tok_mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
         row_mask = torch.zeros(self.proxies.shape[0], 1, device=self.proxies.device)
         slot_mask = torch.zeros(self.proxies.shape[0], device=emb.device)
@@ -194,7 +199,9 @@ class FL2T(Method):
             row_mask[k] = 1
             slot_mask[k] = 1
         self.proxies.requires_grad_(True)
-        self._hooks = [emb.register_hook(lambda g: g * tok_mask), self.proxies.register_hook(lambda g: g * row_mask)]
+        self._hooks = [self.proxies.register_hook(lambda g: g * row_mask)]
+        if train_tokens:
+            self._hooks.append(emb.register_hook(lambda g: g * tok_mask))
         lora = []
         for layer in self.ctx.layers.values():
             for p in (layer.lora_a, layer.lora_b):
@@ -205,7 +212,7 @@ class FL2T(Method):
         for p in self.module.parameters():
             p.requires_grad_(True)
         return [
-            {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0},
+            {"params": [emb], "lr": self.args.token_learning_rate, "weight_decay": 0.0} if train_tokens else None,
             {"params": lora, "lr": self.args.learning_rate, "weight_decay": 0.0},
             {"params": [self.proxies, *self.module.parameters()], "lr": self.hp.fl2t_learning_rate, "weight_decay": 0.0},
         ]
@@ -242,14 +249,25 @@ class FL2T(Method):
         tok = hidden[torch.arange(len(prompts), device=hidden.device), pos]
         return torch.where(has[:, None], tok, hidden.mean(dim=1)).float()
 
+    def prompt_slots(self, prompts: list[str]) -> torch.Tensor:
+        """id_b [B] long: the slot of the concept whose token prompt b contains (the first such
+        position), -1 if it names none. Read from the text alone, as at generation time."""
+        ids = self.ctx.backbone.tokenize(prompts)
+        tokens = torch.tensor(self.token_ids, device=ids.device)
+        match = ids[:, :, None] == tokens[None, None, :]  # [B, L, K]
+        has = match.any(dim=2)  # [B, L]
+        first = has.float().argmax(dim=1)  # first position holding a concept token
+        slot = match[torch.arange(len(prompts), device=ids.device), first].float().argmax(dim=1)
+        return torch.where(has.any(dim=1), slot, torch.full_like(slot, -1))
+
     def coefs(self, e: torch.Tensor, own: torch.Tensor, upto: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-layer coef [B, K] list, scores [B, upto+1]) for prompt embeddings e [B, D] whose
-        own slots are ``own`` [B]; slots of concepts not learned yet (> upto) get 0."""
+        own slots are ``own`` [B] (-1: none); slots of concepts not learned yet (> upto) get 0."""
         K = next(iter(self.ctx.layers.values())).num_adapters
         s = self.module.scores(e, self.proxies[: upto + 1])
         g = self.module.gates(s)  # [L, B, upto+1]
         g = F.pad(g, (0, K - g.shape[-1]))
-        onehot = F.one_hot(own, K).to(g)
+        onehot = (F.one_hot(own.clamp_min(0), K) * (own >= 0)[:, None]).to(g)
         coef = onehot + (1 - onehot) * g
         return list(coef.unbind(0)), s
 
@@ -257,14 +275,14 @@ class FL2T(Method):
         """coef [L, start, K] of the prompts of concepts 0..start-1 (earlier sets) over slots <= upto."""
         prompts = [c.prompt for c in self.ctx.concepts[:start]]
         e = self.prompt_embeddings(prompts, self.ctx.backbone.encode_prompt(prompts))
-        coefs, _ = self.coefs(e, torch.arange(start, device=e.device), upto)
+        coefs, _ = self.coefs(e, self.prompt_slots(prompts).to(e.device), upto)
         return torch.stack(coefs)
 
     def loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         bb = self.ctx.backbone
         cond = bb.encode_prompt(batch.prompts)
         e = self.prompt_embeddings(batch.prompts, cond)
-        coefs, s = self.coefs(e, batch.concept_ids, batch.task)
+        coefs, s = self.coefs(e, self.prompt_slots(batch.prompts).to(e.device), batch.task)
         nce = batch.share_of_mean(F.cross_entropy(s / self.hp.fl2t_tau, batch.concept_ids, reduction="sum"),
                                   batch.global_rows)
         x_t, target = noisy_input_and_target(bb.scheduler, batch.latents, batch.noise, batch.timesteps,
@@ -297,7 +315,7 @@ class FL2T(Method):
         prompt = [self.ctx.concepts[j].prompt]
         e = self.prompt_embeddings(prompt, bb.encode_prompt(prompt))
         upto = max(self.done, j) if self.done >= 0 else j
-        coefs, _ = self.coefs(e, torch.tensor([j], device=e.device), min(upto, len(self.ctx.concepts) - 1))
+        coefs, _ = self.coefs(e, self.prompt_slots(prompt).to(e.device), min(upto, len(self.ctx.concepts) - 1))
         return {name: c[0].detach() for name, c in zip(self.ctx.layers, coefs)}
 
     def generation_routing(self, j: int):

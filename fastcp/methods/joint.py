@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcp.methods.base import Method, TaskBatch, draw_rows, register
+from fastcp.methods.base import Method, TaskBatch, draw_rows, register, token_training
 
 
 @register
@@ -21,6 +21,8 @@ class Joint(Method):
 
     def begin_task(self, n: int) -> list[dict]:
         self.release_hooks()
+        if not token_training(self.args):  # --token_learning_rate 0: no token trained
+            return [self.lora_param_group(0)]
         emb = self.ctx.backbone.text_encoder.get_input_embeddings().weight
         emb.requires_grad_(True)
         mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)

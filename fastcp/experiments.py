@@ -1,20 +1,31 @@
-"""``python -m fastcp.experiments compare``: every CP method × seeds on the embedded sequence.
+"""``python -m fastcp.experiments compare``: every CP method and variant × seeds on the embedded sequence.
 
-    python -m fastcp.experiments compare                         # all methods, seeds 0 1 2, train defaults
-    python -m fastcp.experiments compare --methods naive,dsc --seeds 0 1 2 -- --max_concepts 3 --max_train_steps 100
+    python -m fastcp.experiments compare                         # every entry, seeds 0 1 2, train defaults
+    python -m fastcp.experiments compare --methods naive,ortho,ortho:exact --seeds 0 1 2 -- --max_concepts 3
+    python -m fastcp.experiments compare --available             # only tabulate the runs already finished
 
-Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged (same flags, same
-defaults). Each (method, seed) run lands in ``<runs_dir>/<method>/seed_<s>/`` and is skipped when
-its ``results.json`` already exists (so an interrupted comparison resumes; ``--rerun`` redoes
-them). The seed changes the rendering of the embedded concepts' images, the LoRA/token
-initialisation and every training draw (the concept order is the sequence's own).
+An entry is a method or a named variant of one (``ENTRIES``: ``ortho:exact`` is ``--method ortho
+--ortho_variant exact``). Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged
+(same flags, same defaults). Each (entry, seed) run is its own process (so its peak memory is its
+own) and lands in ``<runs_dir>/<entry with ':' as '-'>/seed_<s>/``; a run whose ``results.json``
+exists is skipped, so the table can be built over several sittings (``--rerun`` redoes them) and
+``--available`` writes the table from what is finished, saying which seeds each entry has.
+The seed changes the rendering of the embedded concepts' images, the LoRA/token initialisation
+and every training draw (the concept order is the sequence's own).
+
+The headline metric is the judge's fidelity (a classifier trained on the synthetic world,
+independent of every training objective): ``learned`` (each concept right after its own task),
+``average`` (last row) and ``forgetting``. ``dc_acc`` is shown too, marked as trained-on for the
+methods whose loss contains the DC cross-entropy (``DC_TRAINED``): it measures their objective.
 
 Writes ``<results>.json``::
 
-    {"methods": {name: {"runs": int, "seeds": [int],
-                        "metrics": {metric: {"average": {"mean", "std"}, "forgetting": {"mean", "std"}}},
-                        "seconds_per_task": {"mean", "std"},   # training only (no evaluation)
-                        "time_vs_naive": float | null}},
+    {"methods": {entry: {"method", "flags", "runs", "seeds",
+                         "metrics": {metric: {"average"|"forgetting"|"learned": {"mean", "std"}}},
+                         "seconds_per_task": {"mean", "std"},   # training only (no evaluation)
+                         "peak_memory_gb": {"mean", "std"} | null,   # per run: CUDA peak, else peak RSS
+                         "time_vs_naive": float | null,
+                         "vs_naive": {"forgets_less": bool, "learned_ratio": float} | null}},
      "train_args": [...], "commit": str, "torch": str, "device": str, "threads": int}
 
 and ``<results>.md``: one Markdown table (mean ± std over seeds) for the README.
@@ -34,7 +45,28 @@ import numpy as np
 
 from fastcp.eval.metrics import learned
 
-ALL_METHODS = ["naive", "merge", "ortho", "magmax", "clora", "ewc_dc", "dsc", "dsc_ewc", "fl2t", "joint", "separate"]
+#: entry name -> (method, extra ``fastcp.train`` flags): every method at its defaults (the papers'
+#: forms) and the named variants beside them
+ENTRIES: dict[str, tuple[str, list[str]]] = {
+    "naive": ("naive", []),
+    "merge": ("merge", []),
+    "ortho": ("ortho", []),  # --ortho_variant paper
+    "ortho:exact": ("ortho", ["--ortho_variant", "exact"]),
+    "magmax": ("magmax", []),  # --magmax_variant incremental (mag_max_light)
+    "magmax:cumulative": ("magmax", ["--magmax_variant", "cumulative"]),
+    "clora": ("clora", []),  # K/V only, no class word, random token
+    "clora:class_word": ("clora", ["--clora_class_word"]),
+    "ewc_dc": ("ewc_dc", []),  # --fisher_estimate online
+    "ewc_dc:post_task": ("ewc_dc", ["--fisher_estimate", "post_task"]),
+    "dsc": ("dsc", []),
+    "dsc_ewc": ("dsc_ewc", []),
+    "fl2t": ("fl2t", []),  # sets of 2
+    "joint": ("joint", []),  # reference: sees every concept's data
+    "separate": ("separate", []),  # reference: one adapter per concept, routed by the prompt's token
+}
+ALL_METHODS = list(ENTRIES)
+#: methods whose training loss contains CE(DC logits, c_n): dc_acc measures their own objective
+DC_TRAINED = {"ewc_dc", "dsc", "dsc_ewc"}
 METRIC_ORDER = ["fidelity", "dc_acc", "holdout_loss"]
 
 
@@ -51,8 +83,22 @@ def _mean_std(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
+def entry_dir(runs_dir: Path, entry: str, seed: int) -> Path:
+    return Path(runs_dir) / entry.replace(":", "-") / f"seed_{seed}"
+
+
+def _run_peak_gb(log: dict) -> float | None:
+    """A run's peak memory: the largest CUDA peak of its tasks, else its process's peak RSS."""
+    cuda = [t.get("peak_memory_gb") or 0.0 for t in log["tasks"]]
+    if max(cuda, default=0.0) > 0:
+        return max(cuda)
+    rss = [t["peak_rss_gb"] for t in log["tasks"] if t.get("peak_rss_gb")]
+    return max(rss) if rss else None
+
+
 def aggregate(runs: dict[str, list[dict]]) -> dict:
-    """runs: {method: [{"results": results.json, "task_seconds": [float]}]} -> the "methods" dict."""
+    """runs: {entry: [{"results": results.json, "task_seconds": [float], "peak_gb": float | None}]}
+    -> the "methods" dict."""
     out = {}
     for m, rs in runs.items():
         if not rs:
@@ -65,37 +111,58 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 "learned": _mean_std([learned(r["results"]["metrics"][name]["matrix"]) for r in rs]),
             }
         secs = [s for r in rs for s in r["task_seconds"]]
-        out[m] = {"runs": len(rs), "seeds": [r["results"]["seed"] for r in rs], "metrics": metrics,
-                  "seconds_per_task": _mean_std(secs)}
-    base = out.get("naive", {}).get("seconds_per_task", {}).get("mean")
-    for m in out:
-        out[m]["time_vs_naive"] = (out[m]["seconds_per_task"]["mean"] / base) if base else None
+        peaks = [r["peak_gb"] for r in rs if r.get("peak_gb") is not None]
+        method, flags = ENTRIES.get(m, (m, []))
+        out[m] = {"method": method, "flags": flags, "runs": len(rs), "seeds": [r["results"]["seed"] for r in rs],
+                  "metrics": metrics, "seconds_per_task": _mean_std(secs),
+                  "peak_memory_gb": _mean_std(peaks) if peaks else None}
+    base = out.get("naive")
+    for m, v in out.items():
+        v["time_vs_naive"] = (v["seconds_per_task"]["mean"] / base["seconds_per_task"]["mean"]) if base else None
+        if base and "fidelity" in v["metrics"]:
+            f, fb = v["metrics"]["fidelity"], base["metrics"]["fidelity"]
+            v["vs_naive"] = {"forgets_less": f["forgetting"]["mean"] < fb["forgetting"]["mean"],
+                             "learned_ratio": f["learned"]["mean"] / fb["learned"]["mean"] if fb["learned"]["mean"] else None}
+        else:
+            v["vs_naive"] = None
     return out
 
 
+def _pm(s: dict) -> str:
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
 def markdown_table(methods: dict) -> str:
-    """Rows = methods; columns = average/forgetting per metric (mean ± std), the fidelity just after
-    each concept's own task ("learned": a method that stops learning forgets nothing), train s/task."""
-    metrics = [m for m in METRIC_ORDER if any(m in v["metrics"] for v in methods.values())]
-    head = ["method"]
-    for m in metrics:
-        arrow = "↓" if m == "holdout_loss" else "↑"
-        head += [f"{m} avg {arrow}"] + (["fidelity learned ↑"] if m == "fidelity" else []) + [f"{m} forget ↓"]
-    head += ["train s/task", "× naive"]
+    """Rows = entries. Judge fidelity first (learned / average / forgetting: independent of every
+    training objective), then dc_acc (†: trained on by the DC methods) and the held-out loss, the
+    training cost per task and the peak memory of a run."""
+    head = ["method", "fidelity learned ↑", "fidelity avg ↑", "fidelity forget ↓", "learned × naive",
+            "dc_acc avg ↑", "dc_acc forget ↓", "holdout_loss avg ↓", "train s/task", "× naive", "peak GB", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in methods.items():
         row = [f"`{name}`"]
-        for m in metrics:
-            s = v["metrics"].get(m)
-            keys = ["average", "learned", "forgetting"] if m == "fidelity" else ["average", "forgetting"]
-            if s is None:
-                row += ["–"] * len(keys)
-                continue
-            row += [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in keys]
+        f = v["metrics"].get("fidelity")
+        row += [_pm(f["learned"]), _pm(f["average"]), _pm(f["forgetting"])] if f else ["–"] * 3
+        ratio = (v.get("vs_naive") or {}).get("learned_ratio")
+        row.append(f"{ratio:.2f}" if ratio is not None else "–")
+        d = v["metrics"].get("dc_acc")
+        mark = " †" if v.get("method", name) in DC_TRAINED else ""
+        row += [_pm(d["average"]) + mark, _pm(d["forgetting"]) + mark] if d else ["–", "–"]
+        h = v["metrics"].get("holdout_loss")
+        row.append(_pm(h["average"]) if h else "–")
         sp = v["seconds_per_task"]
         row += [f"{sp['mean']:.1f}", f"{v['time_vs_naive']:.2f}" if v["time_vs_naive"] else "–"]
+        pk = v.get("peak_memory_gb")
+        row += [f"{pk['mean']:.2f}" if pk else "–", " ".join(map(str, v["seeds"]))]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    notes = ("\n† dc_acc is what the DC methods' cross-entropy term trains (their objective, not an independent "
+             "measure); the judge fidelity is the headline.\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def _train_command(method: str, flags: list[str], seed: int, out: Path, train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fastcp.train", "--method", method, *flags, "--seed", str(seed),
+            "--output_dir", str(out), "--overwrite_output_dir", *train_args]
 
 
 def compare(argv: list[str]) -> int:
@@ -105,57 +172,68 @@ def compare(argv: list[str]) -> int:
     else:
         train_args = []
     p = argparse.ArgumentParser(prog="python -m fastcp.experiments compare",
-                                description="every CP method x seeds on the embedded sequence; args after -- go to fastcp.train")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all)")
+                                description="every CP method and variant x seeds on the embedded sequence; args after "
+                                            "-- go to fastcp.train")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated entries (default: all): {', '.join(ALL_METHODS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs_dir", type=Path, default=Path("outputs/cp_compare"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/cp_methods"),
                    help="output stem: writes <stem>.json and <stem>.md")
     p.add_argument("--rerun", action="store_true", help="redo runs whose results.json exists")
+    p.add_argument("--available", action="store_true",
+                   help="train nothing: tabulate the finished runs of the entries and seeds asked for")
     args = p.parse_args(argv)
-    from fastcp import train
-    from fastcp.files import atomic_write_json
-    from fastcp.methods import METHODS
+    from fastcp.files import atomic_write_json, atomic_write_text
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    entries = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in entries if m not in ENTRIES]
     if unknown:
-        print(f"fastcp.experiments: error: unknown method(s) {unknown}; choose from {sorted(METHODS)}", file=sys.stderr)
+        print(f"fastcp.experiments: error: unknown entry(ies) {unknown}; choose from {', '.join(ENTRIES)}",
+              file=sys.stderr)
         return 2
     for bad in ("--method", "--seed", "--output_dir"):
         if bad in train_args:
             print(f"fastcp.experiments: error: {bad} is set by the comparison; remove it after --", file=sys.stderr)
             return 2
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for m in methods:
+    runs: dict[str, list[dict]] = {m: [] for m in entries}
+    env = dict(os.environ, PYTHONSAFEPATH="1")  # the repo root holds kernels/: never on sys.path
+    for m in entries:
+        method, flags = ENTRIES[m]
         for s in args.seeds:
-            out = args.runs_dir / m / f"seed_{s}"
-            if args.rerun or not (out / "results.json").exists():
+            out = entry_dir(args.runs_dir, m, s)
+            if not args.available and (args.rerun or not (out / "results.json").exists()):
                 t0 = time.time()
-                rc = train.main(["--method", m, "--seed", str(s), "--output_dir", str(out), "--overwrite_output_dir",
-                                 *train_args])
+                rc = subprocess.run(_train_command(method, flags, s, out, train_args), env=env).returncode
                 if rc != 0:
                     print(f"fastcp.experiments: error: {m} seed {s} failed (exit {rc})", file=sys.stderr)
                     return rc
                 print(f"[compare] {m} seed {s}: {time.time() - t0:.0f}s", flush=True)
+            if not (out / "results.json").exists():
+                continue  # --available: not finished yet
             results = json.loads((out / "results.json").read_text())
             log = json.loads((out / "train_log.json").read_text())
-            runs[m].append({"results": results, "task_seconds": [t["train_seconds"] for t in log["tasks"]]})
+            runs[m].append({"results": results, "task_seconds": [t["train_seconds"] for t in log["tasks"]],
+                            "peak_gb": _run_peak_gb(log)})
     import torch
 
     summary = {"methods": aggregate(runs), "train_args": train_args, "seeds": args.seeds, "commit": _commit(),
                "torch": torch.__version__, "device": f"cpu ({platform.processor() or platform.machine()})",
-               "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+               "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "missing": {m: [s for s in args.seeds if s not in [r["results"]["seed"] for r in runs[m]]]
+                           for m in entries if len(runs[m]) < len(args.seeds)}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results.with_suffix(".json"), summary)
     table = markdown_table(summary["methods"])
     cmd = "python -m fastcp.experiments compare " + " ".join(argv + (["--"] + train_args if train_args else []))
-    md = (f"Continual personalization on the embedded tiny sequence, mean ± std over seeds {args.seeds} "
-          f"(`{cmd.strip()}`, commit {summary['commit']}). avg = last row of the task × concept matrix; "
-          f"forget = mean drop from each concept's best; train s/task excludes evaluation.\n\n" + table)
-    tmp = args.results.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, args.results.with_suffix(".md"))
+    missing = "".join(f"\n- `{m}`: seeds {' '.join(map(str, ss))} not run yet" for m, ss in summary["missing"].items())
+    md = (f"Continual personalization on the embedded tiny sequence, mean ± std over the seeds listed per row "
+          f"(`{cmd.strip()}`, commit {summary['commit']}, {summary['device']}, {summary['threads']} threads). "
+          f"learned = each concept's judge fidelity right after its own task; avg = last row of the task × concept "
+          f"matrix; forget = mean drop from each concept's best; learned × naive = learned / naive's learned; "
+          f"train s/task excludes evaluation; peak GB = the run's peak memory (CUDA peak, else the process's "
+          f"resident set).\n\n" + table + (f"\nNot finished:{missing}\n" if missing else ""))
+    atomic_write_text(args.results.with_suffix(".md"), md)
     print(table)
     return 0
 

@@ -134,7 +134,7 @@ def test_single_model_loads_in_diffusers_and_is_exact(sd_dir, tmp_path, method):
     ranks = {a.shape[0] for a, _ in factors.values()}
     if index["form"] == "merged":  # one LoRA of rank Σ r_n
         assert ranks == {2 * r}
-    elif index["form"] == "carried":
+    elif index["form"] in ("carried", "terms"):  # terms (ortho paper): s·B_cum A_cum, rank r
         assert ranks == {r}
     else:  # dense: full rank min(out, in) per layer, through peft's rank_pattern
         assert ranks == {min(b.shape[0], a.shape[1]) for a, b in factors.values()} and len(ranks) > 1

@@ -8,7 +8,8 @@ An entry is a method or a named variant of one (``ENTRIES``: ``ortho:exact`` is 
 --ortho_variant exact``). Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged
 (same flags, same defaults). Each (entry, seed) run is its own process (so its peak memory is its
 own) and lands in ``<runs_dir>/<entry with ':' as '-'>/seed_<s>/``; a run whose ``results.json``
-exists is skipped, so the table can be built over several sittings (``--rerun`` redoes them) and
+exists is skipped and one with checkpoints but no ``results.json`` (interrupted) goes on from its
+newest checkpoint, so the table can be built over several sittings (``--rerun`` redoes them) and
 ``--available`` writes the table from what is finished, saying which seeds each entry has.
 The seed changes the rendering of the embedded concepts' images, the LoRA/token initialisation
 and every training draw (the concept order is the sequence's own).
@@ -160,9 +161,13 @@ def markdown_table(methods: dict) -> str:
     return "\n".join(lines) + "\n" + notes
 
 
-def _train_command(method: str, flags: list[str], seed: int, out: Path, train_args: list[str]) -> list[str]:
+def _train_command(method: str, flags: list[str], seed: int, out: Path, train_args: list[str],
+                   resume: bool = False) -> list[str]:
+    """One run as its own process. ``resume``: continue an interrupted run from its newest
+    checkpoint (the run's fingerprint is checked: changed code or flags refuse, use --rerun)."""
+    where = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]
     return [sys.executable, "-m", "fastcp.train", "--method", method, *flags, "--seed", str(seed),
-            "--output_dir", str(out), "--overwrite_output_dir", *train_args]
+            "--output_dir", str(out), *where, *train_args]
 
 
 def compare(argv: list[str]) -> int:
@@ -204,9 +209,12 @@ def compare(argv: list[str]) -> int:
             out = entry_dir(args.runs_dir, m, s)
             if not args.available and (args.rerun or not (out / "results.json").exists()):
                 t0 = time.time()
-                rc = subprocess.run(_train_command(method, flags, s, out, train_args), env=env).returncode
+                # an interrupted run (checkpoints, no results.json) goes on from its last checkpoint
+                resume = not args.rerun and any((out / "checkpoints").glob("checkpoint-*"))
+                rc = subprocess.run(_train_command(method, flags, s, out, train_args, resume), env=env).returncode
                 if rc != 0:
-                    print(f"fastcp.experiments: error: {m} seed {s} failed (exit {rc})", file=sys.stderr)
+                    hint = " (resuming its checkpoint; --rerun starts it over)" if resume else ""
+                    print(f"fastcp.experiments: error: {m} seed {s} failed (exit {rc}){hint}", file=sys.stderr)
                     return rc
                 print(f"[compare] {m} seed {s}: {time.time() - t0:.0f}s", flush=True)
             if not (out / "results.json").exists():

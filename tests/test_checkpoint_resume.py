@@ -1,12 +1,14 @@
 """A run killed with SIGKILL in the middle of a task and resumed ends exactly like an uninterrupted one."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -52,11 +54,25 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(tmp_path):
             assert torch.equal(ta[k][name], tb[k][name]), (k, name)
 
 
-def test_resume_refuses_a_different_run(tmp_path):
-    out = tmp_path / "o"
-    first = subprocess.run(cli(out, "--max_concepts", "1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def one_task_run(tmp_path_factory):
+    """A finished 1-concept run (trained once for the module; each test works on its own copy)."""
+    root = tmp_path_factory.mktemp("one_task")
+    first = subprocess.run(cli(root / "o", "--max_concepts", "1"), capture_output=True, text=True, timeout=600, cwd=root)
     assert first.returncode == 0, first.stderr[-2000:]
+    return root / "o"
+
+
+def interrupted_copy(one_task_run, tmp_path) -> Path:
+    """The run as if killed after its last checkpoint: no results.json."""
+    out = tmp_path / "o"
+    shutil.copytree(one_task_run, out)
     (out / "results.json").unlink()
+    return out
+
+
+def test_resume_refuses_a_different_run(tmp_path, one_task_run):
+    out = interrupted_copy(one_task_run, tmp_path)
     other = subprocess.run(cli(out, "--max_concepts", "1", "--seed", "7", "--resume_from_checkpoint", "latest"),
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert other.returncode == 2 and "belongs to a different run (differs in seed)" in other.stderr
@@ -75,13 +91,10 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def test_resume_refuses_a_planted_pickle_payload_without_running_it(tmp_path):
+def test_resume_refuses_a_planted_pickle_payload_without_running_it(tmp_path, one_task_run):
     import pickle
 
-    out = tmp_path / "o"
-    first = subprocess.run(cli(out, "--max_concepts", "1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    (out / "results.json").unlink()
+    out = interrupted_copy(one_task_run, tmp_path)
     latest = max((out / "checkpoints").glob("checkpoint-*"))
     pickled = [p for p in latest.iterdir() if p.suffix in (".bin", ".pkl", ".pt")]
     assert pickled, "accelerate's state files are expected in the checkpoint"

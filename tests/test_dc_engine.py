@@ -44,12 +44,12 @@ def test_tiny_errors_equal_loop_for_any_chunking(tiny, kv_cache, share_prefix, a
     if adapters:
         with_adapters(bb.unet, 3)
         ids = torch.tensor([2, -1, 0, 1])
-    x, cond, ts, noise = inputs(bb)
+    x, cond, ts, noise = inputs(bb, T=2)  # 16 rows: chunks of 7 leave a ragged last chunk
     with torch.no_grad():
         ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
         clf = DiffusionClassifier(bb.unet, bb.scheduler, kv_cache=kv_cache, share_prefix=share_prefix)
         assert clf.share_prefix == share_prefix
-        for bs in (None, 1, 7):
+        for bs in (None, 7) if adapters else (1, 7):
             torch.testing.assert_close(clf.errors(x, cond, ts, noise, ids, batch_size=bs), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -191,7 +191,7 @@ def test_channels_last_option_and_concept_major_rows_equal_loop():
     bb = load_backbone("tiny")
     with_adapters(bb.unet, 3, seed=4)
     ids = torch.tensor([2, -1, 0, 2])  # unsorted, a repeated slot and a base-only concept
-    x, cond, ts, noise = inputs(bb, N=2, T=2)
+    x, cond, ts, noise = inputs(bb, N=2, T=1)
     with torch.no_grad():
         ref = errors_loop(bb.unet, bb.scheduler, x, cond, ts, noise, ids)
         clf = DiffusionClassifier(bb.unet, bb.scheduler, channels_last=True)

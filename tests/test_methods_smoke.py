@@ -55,7 +55,7 @@ def test_bad_method_hyperparameter_is_a_clean_error(tmp_path, capsys, flag, valu
     assert not (tmp_path / "o").exists()
 
 
-def test_compare_writes_json_and_markdown(tmp_path):
+def test_compare_writes_json_and_markdown(tmp_path, capfd):
     from fastcp import experiments
 
     stem = tmp_path / "cp"
@@ -73,6 +73,12 @@ def test_compare_writes_json_and_markdown(tmp_path):
     assert summary["methods"]["naive"]["time_vs_naive"] == pytest.approx(1.0)
     md = stem.with_suffix(".md").read_text()
     assert "| `naive` |" in md and "| `merge` |" in md
-    # Existing runs are reused, not redone.
-    assert experiments.main(["compare", "--methods", "naive", "--seeds", "0", "--runs_dir", str(tmp_path / "runs"),
+    # A finished run is reused, not redone; an interrupted one (checkpoints, no results.json) resumes.
+    finished, interrupted = (tmp_path / "runs" / "naive" / f"seed_{s}" / "results.json" for s in (0, 1))
+    stamp = finished.stat().st_mtime_ns
+    interrupted.unlink()
+    capfd.readouterr()
+    assert experiments.main(["compare", "--methods", "naive", "--seeds", "0", "1", "--runs_dir", str(tmp_path / "runs"),
                              "--results", str(stem), "--", *TINY]) == 0
+    assert finished.stat().st_mtime_ns == stamp and interrupted.exists()
+    assert "resuming from" in capfd.readouterr().out

@@ -29,7 +29,8 @@ Writes ``<results>.json``::
                          "vs_naive": {"forgets_less": bool, "learned_ratio": float} | null}},
      "train_args": [...], "commit": str, "torch": str, "device": str, "threads": int}
 
-and ``<results>.md``: one Markdown table (mean ± std over seeds) for the README.
+and ``<results>.md``: one Markdown table (mean ± std over seeds; the mean alone, std null in the JSON,
+for an entry with one finished seed) for the README.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def _commit() -> str:
 
 def _mean_std(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    # one run has no spread: std is null (the table prints the mean alone), never a made-up 0
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
 def entry_dir(runs_dir: Path, entry: str, seed: int) -> Path:
@@ -130,7 +132,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
 
 
 def _pm(s: dict) -> str:
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+    return f"{s['mean']:.3f}" if s["std"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
 def markdown_table(methods: dict) -> str:

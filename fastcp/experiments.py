@@ -191,6 +191,7 @@ def compare(argv: list[str]) -> int:
     p.add_argument("--available", action="store_true",
                    help="train nothing: tabulate the finished runs of the entries and seeds asked for")
     args = p.parse_args(argv)
+    from fastcp import checkpoint
     from fastcp.files import atomic_write_json, atomic_write_text
 
     entries = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -212,7 +213,7 @@ def compare(argv: list[str]) -> int:
             if not args.available and (args.rerun or not (out / "results.json").exists()):
                 t0 = time.time()
                 # an interrupted run (checkpoints, no results.json) goes on from its last checkpoint
-                resume = not args.rerun and any((out / "checkpoints").glob("checkpoint-*"))
+                resume = not args.rerun and checkpoint.latest(out) is not None
                 rc = subprocess.run(_train_command(method, flags, s, out, train_args, resume), env=env).returncode
                 if rc != 0:
                     hint = " (resuming its checkpoint; --rerun starts it over)" if resume else ""

@@ -439,6 +439,22 @@ def test_magmax_cumulative_trains_a_chain_and_merges_cumulative_vectors():
     m.release_hooks()
 
 
+def test_magmax_cumulative_state_saves_after_the_first_task(tmp_path):
+    # after task 1 the chain S_1 and the merge tau_1 hold equal values: they must not share storage,
+    # or the checkpoint's safetensors writer refuses the method state
+    from fastcp.checkpoint import split_tree
+    from fastcp.files import atomic_save_safetensors
+
+    m = make_method("magmax", "--magmax_variant", "cumulative", num_concepts=2)
+    m.begin_task(0)
+    randomize_current_adapter(m, scale=0.05)
+    m.release_hooks()
+    m.end_task(0)
+    tensors, _ = split_tree(m.state_dict())
+    atomic_save_safetensors(tensors, tmp_path / "method.safetensors")
+    assert (tmp_path / "method.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- clora
 def test_clora_prompts_drop_the_class_word_unless_asked():
     from fastcp.eval.prompts import concept_phrase

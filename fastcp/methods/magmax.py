@@ -88,9 +88,10 @@ class MagMax(Method):
             tau_n = layer.delta_weight(0).detach()  # = W_after − W_before
             if self.cumulative:
                 prev_chain = self.chain.get(name)
-                # a copy: tau and chain must not share storage (safetensors refuses to save shared tensors)
-                self.chain[name] = tau_n.clone() if prev_chain is None else prev_chain + tau_n
-                tau_n = self.chain[name]
+                self.chain[name] = tau_n if prev_chain is None else prev_chain + tau_n
+                # a copy: τ may keep it, and τ and the chain must not share storage (the
+                # checkpoint's safetensors writer refuses shared tensors)
+                tau_n = self.chain[name].clone()
             if self.mask_topk < 1.0:
                 tau_n = tau_n * topk_mask(tau_n, self.mask_topk)
             prev = self.tau.get(name)

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m fastcp.train --output_dir outputs/demo --overwrite_output_dir
+	$(BIN)/python -m fastcp.demo --overwrite_output_dir
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_inference_steps", type=int, default=20, help="DDIM steps for evaluation samples")
     g.add_argument("--guidance_scale", type=float, default=3.0)
     g.add_argument("--dc_timesteps", type=int, default=8, help="timesteps per image for dc_acc")
-    g.add_argument("--dc_eval_images", type=int, default=4, help="held-out images per concept for dc_acc")
+    g.add_argument("--dc_eval_images", type=int, default=4, help="held-out images per concept for dc_acc (0 = do not measure dc_acc)")
     g.add_argument("--clip_model", type=Path, default=None,
                    help="a local CLIP directory (transformers save_pretrained): adds clip_i (generated vs the concept's "
                         "images) and clip_t (generated vs the prompt without its token); nothing is downloaded")
@@ -268,10 +268,12 @@ def validate_args(args) -> str | None:
 
     if args.method not in METHODS:
         return f"unknown method {args.method!r}; choose one of {', '.join(sorted(m for m in METHODS if not m.startswith('_')))}"
-    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps", "dc_eval_images",
+    for name in ("rank", "max_train_steps", "train_batch_size", "num_eval_images", "dc_timesteps",
                  "checkpoints_total_limit", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.dc_eval_images < 0:
+        return f"--dc_eval_images must be >= 0 (0 = no dc_acc), got {args.dc_eval_images}"
     for flag, module, extra in (("use_8bit_adam", "bitsandbytes", "pip install bitsandbytes"),
                                 ("enable_xformers_memory_efficient_attention", "xformers", "pip install xformers"),
                                 ("report_to", args.report_to, f"pip install {args.report_to}")):

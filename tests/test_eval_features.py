@@ -114,6 +114,33 @@ def test_evaluator_draws_do_not_depend_on_the_sequence_length():
         assert rows[0][m][:2] == rows[1][m][:2], m
 
 
+
+def test_a_row_in_one_batched_pass_equals_concept_by_concept():
+    """One model for every concept (naive): the row's samples and held-out losses come from one
+    batched pass each, with each concept's own noise, so they equal the one-by-one path; routed
+    methods are evaluated one by one; --dc_eval_images 0 measures no dc_acc."""
+    from fastcp.data.concepts import embedded_sequence
+    from fastcp.eval.metrics import ContinualEvaluator
+    from fastcp.methods import get_method
+    from fastcp.models import load_backbone
+    from fastcp.train import make_args
+
+    bb = load_backbone("tiny")
+    bb.unet.eval()
+    seq = embedded_sequence(3)
+    ev = ContinualEvaluator(bb, seq, get_method("naive")(make_args(method="naive")), num_images=3,
+                            num_inference_steps=3, dc_images=0, seed=5, sample_batch_size=4)
+    assert ev.batch_concepts and "dc_acc" not in ev.metrics and "dc_acc" not in ev.evaluate_row(2)
+    together = ev.generate_many([0, 1, 2])  # 9 samples in passes of at most 4: chunks cross concepts
+    for j in range(3):
+        assert torch.allclose(together[j], ev.generate(j), atol=1e-4), j
+    both = ev.holdout_losses([0, 2])
+    assert both[0] == pytest.approx(ev.holdout_loss(0), rel=1e-5)
+    assert both[2] == pytest.approx(ev.holdout_loss(2), rel=1e-5)
+    assert both[0] != pytest.approx(both[2], rel=1e-3)  # each concept its own images and prompt
+    assert not ContinualEvaluator(bb, seq, get_method("separate")(make_args(method="separate"))).batch_concepts
+
+
 def _cli(out, *extra) -> tuple[int, str]:
     """``python -m fastcp.train`` in this process: (exit status, stderr)."""
     import contextlib

@@ -82,7 +82,8 @@ class ContinualEvaluator:
         judge: (Judge, class names) or None — fidelity is computed for concepts the judge knows.
         num_images: images generated per concept (fidelity, CLIP, DINO, the sample grids).
         num_inference_steps, guidance_scale: sampling settings.
-        dc_timesteps: timesteps per image for dc_acc; dc_images: held-out images per concept.
+        dc_timesteps: timesteps per image for dc_acc; dc_images: held-out images per concept (0: no dc_acc).
+        sample_batch_size: most samples per batched sampling pass (a row's concepts share passes).
         seed: fixes every noise, timestep and sampling seed of the evaluation (keyed by concept).
         clip, dino: a ``ClipScorer`` / ``DinoScorer`` (fastcp.eval.features) or None.
         eval_prompts: templates with ``{}`` for the CLIP/DINO images (fastcp.eval.prompts), or None
@@ -92,15 +93,17 @@ class ContinualEvaluator:
 
     def __init__(self, backbone, concepts, method, judge=None, *, num_images: int = 8, num_inference_steps: int = 20,
                  guidance_scale: float = 3.0, dc_timesteps: int = 8, dc_images: int = 4, holdout_timesteps: int = 8,
+                 sample_batch_size: int = 64,
                  seed: int = 0, clip=None, dino=None, eval_prompts=None, forgetting_norm: str = "t_minus_1"):
         self.bb, self.concepts, self.method = backbone, concepts, method
         self.judge, self.judge_classes = judge if judge is not None else (None, [])
         self.num_images, self.steps, self.cfg = num_images, num_inference_steps, guidance_scale
         self.dc_timesteps, self.dc_images, self.seed = dc_timesteps, dc_images, seed
+        self.sample_batch_size = sample_batch_size
         self.clip, self.dino, self.eval_prompts, self.forgetting_norm = clip, dino, eval_prompts, forgetting_norm
         T = len(concepts)
         self.names = [c.name for c in concepts]
-        self.metrics = ["holdout_loss", "dc_acc"]
+        self.metrics = ["holdout_loss", "dc_acc"] if dc_images > 0 else ["holdout_loss"]  # 0: dc_acc is off
         if dino is not None:
             self.metrics.insert(0, "dino")
         if clip is not None:
@@ -124,21 +127,39 @@ class ContinualEvaluator:
                          for j in range(T)]
 
     # ------------------------------------------------------------------ metrics of one concept
+    @property
+    def batch_concepts(self) -> bool:
+        """True when one pass can serve every concept of a row: the method keeps one model for all
+        concepts (its ``generation_routing`` is the base no-op). Routed methods (``separate``,
+        ``fl2t``) set their adapters up per concept, so their concepts are evaluated one by one."""
+        from fastcp.methods.base import Method
+
+        return type(self.method).generation_routing is Method.generation_routing
+
     @torch.no_grad()
+    def holdout_losses(self, js: list[int]) -> dict[int, float]:
+        """{j: denoising MSE of concept j's held-out images under its prompt at the fixed (t, ε)},
+        all of ``js`` in one UNet pass (their routing must be the same: ``batch_concepts``, or one j)."""
+        bb = self.bb
+        xs, ts, targets, conds, rows = [], [], [], [], []
+        for j in js:
+            c = self.concepts[j]
+            x0 = bb.encode_images(c.eval_images)
+            N, T = x0.shape[0], len(self.holdout_t)
+            noise = self.holdout_noise[j].to(x0).reshape(N * T, *x0.shape[1:])
+            t = self.holdout_t.repeat(N).to(x0.device)
+            x_t, target = noisy_input_and_target(bb.scheduler, x0.repeat_interleave(T, dim=0), noise, t, bb.prediction_type)
+            xs.append(x_t), ts.append(t), targets.append(target), conds.append(c.prompt), rows.append(N * T)
+        cond = bb.encode_prompt(conds)
+        cond = cond.select(torch.repeat_interleave(torch.arange(len(js)), torch.tensor(rows)).to(bb.device))
+        with self.method.generation_routing(js[0]):
+            pred = bb.unet(torch.cat(xs), torch.cat(ts), **cond.unet_kwargs()).sample
+        err = ((pred.float() - torch.cat(targets).float()) ** 2).flatten(1).mean(dim=1)
+        return {j: e.mean().item() for j, e in zip(js, err.split(rows))}
+
     def holdout_loss(self, j: int) -> float:
         """Denoising MSE of concept j's held-out images under its prompt at the fixed (t, ε)."""
-        bb, c = self.bb, self.concepts[j]
-        x0 = bb.encode_images(c.eval_images)
-        N, T = x0.shape[0], len(self.holdout_t)
-        noise = self.holdout_noise[j].to(x0).reshape(N * T, *x0.shape[1:])
-        t = self.holdout_t.repeat(N).to(x0.device)
-        x0r = x0.repeat_interleave(T, dim=0)
-        x_t, target = noisy_input_and_target(bb.scheduler, x0r, noise, t, bb.prediction_type)
-        cond = bb.encode_prompt([c.prompt])
-        cond = cond.select(torch.zeros(N * T, dtype=torch.long, device=x0.device))
-        with self.method.generation_routing(j):
-            pred = bb.unet(x_t, t, **cond.unet_kwargs()).sample
-        return torch.mean((pred.float() - target.float()) ** 2).item()
+        return self.holdout_losses([j])[j]
 
     @torch.no_grad()
     def dc_accuracy(self, j: int, n: int) -> float:
@@ -157,13 +178,31 @@ class ContinualEvaluator:
         pred = err.mean(dim=2).argmin(dim=1)
         return (pred == true).float().mean().item()
 
+    def initial_latents(self, j: int, count: int) -> torch.Tensor:
+        """Concept j's fixed sampling noise [count, C, h, w] (its own generator: a sample does not
+        depend on the batch or row it is generated in)."""
+        return torch.randn((count, *self.bb.latent_shape), generator=concept_generator(self.seed, j, 303))
+
     @torch.no_grad()
     def generate(self, j: int, prompts: list[str] | None = None) -> torch.Tensor:
         """Samples [G, 3, H, W] of concept j (its prompt num_images times, or ``prompts``), from
         concept j's own sampling seed."""
         prompts = prompts or [self.concepts[j].prompt] * self.num_images
         with self.method.generation_routing(j):
-            return self.bb.generate(prompts, self.steps, self.cfg, generator=concept_generator(self.seed, j, 303))
+            return self.bb.generate(prompts, self.steps, self.cfg, latents=self.initial_latents(j, len(prompts)),
+                                    batch_size=len(prompts))
+
+    @torch.no_grad()
+    def generate_many(self, js: list[int]) -> dict[int, torch.Tensor]:
+        """{j: concept j's samples [num_images, 3, H, W]}, every concept of ``js`` in one batched
+        sampling pass (same prompts and noise as ``generate(j)``; needs ``batch_concepts`` or one j)."""
+        G = self.num_images
+        prompts = [self.concepts[j].prompt for j in js for _ in range(G)]
+        latents = torch.cat([self.initial_latents(j, G) for j in js])
+        with self.method.generation_routing(js[0]):
+            images = self.bb.generate(prompts, self.steps, self.cfg, latents=latents,
+                                      batch_size=min(len(prompts), self.sample_batch_size))
+        return dict(zip(js, images.split(G)))
 
     @torch.no_grad()
     def fidelity(self, images: torch.Tensor, j: int) -> float:
@@ -202,14 +241,23 @@ class ContinualEvaluator:
 
         unet_mode = self.bb.unet.training
         self.bb.unet.eval()
-        out = {}
-        for j in concepts:
-            if j > n:
-                continue
-            values = {"holdout_loss": self.holdout_loss(j), "dc_acc": self.dc_accuracy(j, n)}
-            samples = None
+        js = [j for j in concepts if j <= n]  # concepts not learned yet are not measured
+        # One model for every concept: the row's held-out losses and judge samples in one batched
+        # pass each (on a GPU the row costs about one concept's passes; each concept keeps its own
+        # fixed noise, so its numbers are those of the one-by-one path). Routed methods: one by one.
+        groups = [js] if self.batch_concepts and js else [[j] for j in js]
+        holdout, judged = {}, {}
+        for group in groups:
+            holdout.update(self.holdout_losses(group))
             if "fidelity" in self.metrics:
-                samples = self.generate(j)
+                judged.update(self.generate_many(group))
+        out = {}
+        for j in js:
+            values = {"holdout_loss": holdout[j]}
+            if "dc_acc" in self.metrics:
+                values["dc_acc"] = self.dc_accuracy(j, n)
+            samples = judged.get(j)
+            if samples is not None:
                 values["fidelity"] = self.fidelity(samples, j)
             if self.clip is not None or self.dino is not None:
                 prompts, plain = concept_eval_prompts(self.concepts[j], self.eval_prompts, self.num_images)

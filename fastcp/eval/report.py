@@ -87,3 +87,51 @@ def format_matrix(matrix, names: list[str], title: str) -> str:
         lines.append(f"{'after ' + str(i + 1):<10}"
                      + "".join(f"{v:>11.3f}" if v is not None and math.isfinite(v) else f"{'–':>11}" for v in row))
     return "\n".join(lines)
+
+
+def save_forgetting_figure(summary: dict[str, dict], path: str | Path) -> None:
+    """Line plot PNG, one panel per method: the fidelity of each concept after every task (x = after
+    task n, a concept's line starts at its own task), the same colour for a concept in every panel.
+
+    summary: {method: {"matrix": T×T (None/NaN above the diagonal), "concepts": names,
+    "learned", "average", "forgetting"}} (``fastcp.demo.summarize_runs``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
+    colours = matplotlib.colormaps["tab10"]
+    for ax, m in zip(axes[0], methods):
+        s = summary[m]
+        M = np.array([[math.nan if v is None else v for v in row] for row in s["matrix"]], dtype=float)
+        T = M.shape[0]
+        for j, name in enumerate(s["concepts"]):
+            ax.plot(range(j + 1, T + 1), M[j:, j], marker="o", color=colours(j % 10), label=name)
+        ax.set_title(f"{m}: learned {s['learned']:.2f}, forgetting {s['forgetting']:.2f}", fontsize=9)
+        ax.set_xticks(range(1, T + 1))
+        ax.set_xlabel("after task")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fidelity (judge)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+
+
+def save_side_by_side(images: list[str | Path], labels: list[str], path: str | Path) -> None:
+    """PNG of the given images left to right, each under its label (e.g. two runs' sample grids)."""
+    from PIL import Image, ImageDraw
+
+    tiles = [Image.open(p).convert("RGB") for p in images]
+    head, gap = 18, 12
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), head + max(t.height for t in tiles)),
+                       "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for tile, label in zip(tiles, labels):
+        draw.text((x + 4, 3), label, fill="black")
+        canvas.paste(tile, (x, head))
+        x += tile.width + gap
+    atomic_write_png(path, canvas)

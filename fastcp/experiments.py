@@ -253,7 +253,10 @@ def profile(argv: list[str]) -> int:
     """Where a training step's time goes: per method, the median seconds of each loss term's
     forward+backward at task ``--task`` (so the DC terms see task+2 candidates), and the Fisher.
 
-        python -m fastcp.experiments profile [--methods naive,ewc_dc,dsc] [--task 2] [--steps 5]
+        python -m fastcp.experiments profile [--methods naive,ewc_dc,dsc] [--task 2] [--steps 5] [--eval]
+
+    ``--eval``: also the evaluation of row ``--task`` (every concept learned so far): held-out
+    loss, dc_acc and the judge's samples, concept by concept and in one batched pass.
     """
     import statistics
 
@@ -268,6 +271,7 @@ def profile(argv: list[str]) -> int:
     p.add_argument("--methods", default="naive,ewc_dc,dsc,dsc_ewc")
     p.add_argument("--task", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--eval", action="store_true", help="also time the evaluation of row --task")
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args, rest = p.parse_known_args(argv)
     report = {}
@@ -307,6 +311,8 @@ def profile(argv: list[str]) -> int:
                 timed("EWC penalty fwd+bwd", lambda: m.ewc_penalty())
         med = {k: statistics.median(v[1:]) for k, v in parts.items()}
         med["end_task (merge + Fisher)"] = statistics.median(t_end) if t_end else 0.0
+        if args.eval:
+            med.update(_profile_row(trainer, args.task))
         report[name] = med
         m.release_hooks()
     base = report.get("naive", {}).get("step (loss fwd+bwd)")
@@ -322,6 +328,28 @@ def profile(argv: list[str]) -> int:
         atomic_write_json(args.out, {"task": args.task, "steps": args.steps, "train_args": rest,
                                      "median_seconds": report, "threads": torch.get_num_threads()})
     return 0
+
+
+def _profile_row(trainer, n: int) -> dict[str, float]:
+    """Seconds of each part of row n's evaluation (concepts 0..n), one by one and batched."""
+    import torch
+
+    ev, js = trainer.evaluator, list(range(n + 1))
+    out = {}
+    trainer.bb.unet.eval()
+    with torch.no_grad():
+        for key, fn in ((f"eval: holdout_loss, {n + 1} concepts one by one", lambda: [ev.holdout_loss(j) for j in js]),
+                        (f"eval: holdout_loss, {n + 1} concepts batched", lambda: ev.holdout_losses(js)),
+                        (f"eval: dc_acc, {n + 1} concepts", lambda: [ev.dc_accuracy(j, n) for j in js]),
+                        (f"eval: judge samples, {n + 1} concepts one by one", lambda: [ev.generate(j) for j in js]),
+                        (f"eval: judge samples, {n + 1} concepts batched", lambda: ev.generate_many(js))):
+            if "dc_acc" in key and "dc_acc" not in ev.metrics:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            out[key] = time.perf_counter() - t0
+    trainer.bb.unet.train()
+    return out
 
 
 def main(argv=None) -> int:

@@ -329,9 +329,12 @@ def part_compare(smoke: bool, tmp: Path, limit: float, runs_dir: Path, out_dir: 
     else:
         methods, seeds = "all", ["0", "1", "2"]
         train = ["--max_concepts", "6", "--max_train_steps", "400"]
+    # the tiny model leaves an H100 mostly idle (launch-bound): 4 runs share it, each with 1/4 of the
+    # CPU cores; its seconds per task are then those of a shared GPU (an upper bound)
+    jobs = "1" if smoke else "4"
     stem = out_dir / ("cpu_smoke_compare_methods" if smoke else "gpu_compare_methods")
     cmd = _py("-m", "fastcp.experiments", "compare", "--seeds", *seeds, "--runs_dir", str(runs_dir),
-              "--results", str(stem))
+              "--results", str(stem), "--jobs", jobs)
     if methods != "all":
         cmd += ["--methods", methods]
     rc, out, sec = _run(cmd + ["--", *train], timeout=limit * 0.9, env=_env(smoke))

@@ -3,6 +3,7 @@
     python -m fastcp.experiments compare                         # every entry, seeds 0 1 2, train defaults
     python -m fastcp.experiments compare --methods naive,ortho,ortho:exact --seeds 0 1 2 -- --max_concepts 3
     python -m fastcp.experiments compare --available             # only tabulate the runs already finished
+    python -m fastcp.experiments compare --jobs 2                # two runs at once, half the cores each
 
 An entry is a method or a named variant of one (``ENTRIES``: ``ortho:exact`` is ``--method ortho
 --ortho_variant exact``). Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged
@@ -188,12 +189,17 @@ def compare(argv: list[str]) -> int:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/cp_methods"),
                    help="output stem: writes <stem>.json and <stem>.md")
     p.add_argument("--rerun", action="store_true", help="redo runs whose results.json exists")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with its share of the cores (default 1; train s/task is then per share)")
     p.add_argument("--available", action="store_true",
                    help="train nothing: tabulate the finished runs of the entries and seeds asked for")
     args = p.parse_args(argv)
     from fastcp import checkpoint
     from fastcp.files import atomic_write_json, atomic_write_text
 
+    if args.jobs < 1:
+        print(f"fastcp.experiments: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     entries = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in entries if m not in ENTRIES]
     if unknown:
@@ -206,20 +212,39 @@ def compare(argv: list[str]) -> int:
             return 2
     runs: dict[str, list[dict]] = {m: [] for m in entries}
     env = dict(os.environ, PYTHONSAFEPATH="1")  # the repo root holds kernels/: never on sys.path
+    if args.jobs > 1:  # each run gets an equal share of the cores (one thread per run does more work per second here)
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    pending = [(m, s) for m in entries for s in args.seeds
+               if not args.available and (args.rerun or not (entry_dir(args.runs_dir, m, s) / "results.json").exists())]
+    running: dict[tuple[str, int], tuple[subprocess.Popen, float, bool]] = {}
+    failed = None
+    while (pending and failed is None) or running:
+        while pending and failed is None and len(running) < args.jobs:
+            m, s = pending.pop(0)
+            method, flags = ENTRIES[m]
+            out = entry_dir(args.runs_dir, m, s)
+            # an interrupted run (checkpoints, no results.json) goes on from its last checkpoint
+            resume = not args.rerun and checkpoint.latest(out) is not None
+            running[(m, s)] = (subprocess.Popen(_train_command(method, flags, s, out, train_args, resume), env=env),
+                               time.time(), resume)
+        time.sleep(0.2)
+        for key, (proc, t0, resume) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[key]
+            if rc != 0:
+                hint = " (resuming its checkpoint; --rerun starts it over)" if resume else ""
+                print(f"fastcp.experiments: error: {key[0]} seed {key[1]} failed (exit {rc}){hint}", file=sys.stderr)
+                failed = failed or rc  # the runs already started finish; their results are kept
+            else:
+                print(f"[compare] {key[0]} seed {key[1]}: {time.time() - t0:.0f}s", flush=True)
+    if failed is not None:
+        return failed
     for m in entries:
-        method, flags = ENTRIES[m]
         for s in args.seeds:
             out = entry_dir(args.runs_dir, m, s)
-            if not args.available and (args.rerun or not (out / "results.json").exists()):
-                t0 = time.time()
-                # an interrupted run (checkpoints, no results.json) goes on from its last checkpoint
-                resume = not args.rerun and checkpoint.latest(out) is not None
-                rc = subprocess.run(_train_command(method, flags, s, out, train_args, resume), env=env).returncode
-                if rc != 0:
-                    hint = " (resuming its checkpoint; --rerun starts it over)" if resume else ""
-                    print(f"fastcp.experiments: error: {m} seed {s} failed (exit {rc}){hint}", file=sys.stderr)
-                    return rc
-                print(f"[compare] {m} seed {s}: {time.time() - t0:.0f}s", flush=True)
             if not (out / "results.json").exists():
                 continue  # --available: not finished yet
             results = json.loads((out / "results.json").read_text())
@@ -230,7 +255,7 @@ def compare(argv: list[str]) -> int:
 
     summary = {"methods": aggregate(runs), "train_args": train_args, "seeds": args.seeds, "commit": _commit(),
                "torch": torch.__version__, "device": f"cpu ({platform.processor() or platform.machine()})",
-               "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "threads": torch.get_num_threads(), "omp_num_threads": env.get("OMP_NUM_THREADS"), "jobs": args.jobs,
                "missing": {m: [s for s in args.seeds if s not in [r["results"]["seed"] for r in runs[m]]]
                            for m in entries if len(runs[m]) < len(args.seeds)}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +264,8 @@ def compare(argv: list[str]) -> int:
     cmd = "python -m fastcp.experiments compare " + " ".join(argv + (["--"] + train_args if train_args else []))
     missing = "".join(f"\n- `{m}`: seeds {' '.join(map(str, ss))} not run yet" for m, ss in summary["missing"].items())
     md = (f"Continual personalization on the embedded tiny sequence, mean ± std over the seeds listed per row "
-          f"(`{cmd.strip()}`, commit {summary['commit']}, {summary['device']}, {summary['threads']} threads). "
+          f"(`{cmd.strip()}`, commit {summary['commit']}, {summary['device']}, "
+          f"{summary['omp_num_threads'] or summary['threads']} threads per run). "
           f"learned = each concept's judge fidelity right after its own task; avg = last row of the task × concept "
           f"matrix; forget = mean drop from each concept's best; learned × naive = learned / naive's learned; "
           f"train s/task excludes evaluation; peak GB = the run's peak memory (CUDA peak, else the process's "

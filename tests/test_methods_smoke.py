@@ -1,6 +1,7 @@
 """Every CP method survives a two-task run through ``fastcp.train.main`` and writes a valid
 results.json; ``python -m fastcp.experiments compare`` aggregates runs into the table files."""
 import json
+import os
 import math
 
 import pytest
@@ -60,9 +61,10 @@ def test_compare_writes_json_and_markdown(tmp_path, capfd):
 
     stem = tmp_path / "cp"
     rc = experiments.main(["compare", "--methods", "naive,merge", "--seeds", "0", "1", "--runs_dir", str(tmp_path / "runs"),
-                           "--results", str(stem), "--", *TINY])
+                           "--results", str(stem), "--jobs", "2", "--", *TINY])  # two runs at once
     assert rc == 0
     summary = json.loads(stem.with_suffix(".json").read_text())
+    assert summary["jobs"] == 2 and summary["omp_num_threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert set(summary["methods"]) == {"naive", "merge"}
     for m in summary["methods"].values():
         assert m["runs"] == 2 and m["seeds"] == [0, 1]

@@ -58,11 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_both(methods: list[str], out: Path, train_flags: list[str], parallel: bool) -> dict[str, int]:
     """Each method's ``fastcp.train`` run as its own process, lines prefixed with its name; in
     parallel, each process gets an equal share of the cores. Returns {method: exit status}."""
-    cores = os.cpu_count() or 1
-    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")  # the repo root holds kernels/
-    if parallel:
-        threads = str(max(1, cores // len(methods)))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    from fastcp.experiments import run_env
+
+    env = dict(run_env(len(methods) if parallel else 1), PYTHONUNBUFFERED="1")  # lines as they come
     width = max(map(len, methods))
 
     def start(m):
@@ -90,8 +88,7 @@ def _run_both(methods: list[str], out: Path, train_flags: list[str], parallel: b
 
 
 def summarize_runs(results: dict[str, dict]) -> dict[str, dict]:
-    """{method: {"learned", "average", "forgetting", "matrix", "concepts", "train_seconds"}} of the
-    judge's fidelity."""
+    """{method: {"learned", "average", "forgetting", "matrix", "concepts"}} of the judge's fidelity."""
     from fastcp.eval.metrics import learned
 
     out = {}
@@ -131,6 +128,8 @@ def main(argv=None) -> int:
             return 2
     import torch
 
+    from fastcp.experiments import run_env
+
     methods = ["naive", args.method]
     out = args.output_dir
     parallel = args.parallel == "yes" or (args.parallel == "auto" and not torch.cuda.is_available()
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
     flags = DEMO_TRAIN_FLAGS + (["--overwrite_output_dir"] if args.overwrite_output_dir else []) + extra
     t0 = time.time()
     print(f"fastcp demo: naive and {args.method} on the embedded sequence "
-          f"({'in parallel, ' + str(max(1, (os.cpu_count() or 1) // 2)) + ' thread(s) each' if parallel else 'one after the other'}); "
+          f"({'in parallel, ' + run_env(len(methods))['OMP_NUM_THREADS'] + ' thread(s) each' if parallel else 'one after the other'}); "
           f"runs in {out}/", flush=True)
     codes = _run_both(methods, out, flags, parallel)
     failed = [m for m, c in codes.items() if c]

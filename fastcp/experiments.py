@@ -87,6 +87,17 @@ def _mean_std(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
+def run_env(jobs: int = 1) -> dict[str, str]:
+    """The environment of a ``fastcp.train`` child process: never the repo root on sys.path (it holds
+    kernels/), and with ``jobs`` > 1 runs at once an equal share of the cores each (on the tiny model
+    one thread per run does more work per second than two runs taking turns with all of them)."""
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
 def entry_dir(runs_dir: Path, entry: str, seed: int) -> Path:
     return Path(runs_dir) / entry.replace(":", "-") / f"seed_{seed}"
 
@@ -211,10 +222,7 @@ def compare(argv: list[str]) -> int:
             print(f"fastcp.experiments: error: {bad} is set by the comparison; remove it after --", file=sys.stderr)
             return 2
     runs: dict[str, list[dict]] = {m: [] for m in entries}
-    env = dict(os.environ, PYTHONSAFEPATH="1")  # the repo root holds kernels/: never on sys.path
-    if args.jobs > 1:  # each run gets an equal share of the cores (one thread per run does more work per second here)
-        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = run_env(args.jobs)
     pending = [(m, s) for m in entries for s in args.seeds
                if not args.available and (args.rerun or not (entry_dir(args.runs_dir, m, s) / "results.json").exists())]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float, bool]] = {}

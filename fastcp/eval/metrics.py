@@ -155,7 +155,8 @@ class ContinualEvaluator:
         with self.method.generation_routing(js[0]):
             pred = bb.unet(torch.cat(xs), torch.cat(ts), **cond.unet_kwargs()).sample
         err = ((pred.float() - torch.cat(targets).float()) ** 2).flatten(1).mean(dim=1)
-        return {j: e.mean().item() for j, e in zip(js, err.split(rows))}
+        means = torch.stack([e.mean() for e in err.split(rows)]).tolist()  # one device->host copy per row
+        return dict(zip(js, means))
 
     def holdout_loss(self, j: int) -> float:
         """Denoising MSE of concept j's held-out images under its prompt at the fixed (t, ε)."""
@@ -190,7 +191,7 @@ class ContinualEvaluator:
         prompts = prompts or [self.concepts[j].prompt] * self.num_images
         with self.method.generation_routing(j):
             return self.bb.generate(prompts, self.steps, self.cfg, latents=self.initial_latents(j, len(prompts)),
-                                    batch_size=len(prompts))
+                                    batch_size=self.sample_batch_size)
 
     @torch.no_grad()
     def generate_many(self, js: list[int]) -> dict[int, torch.Tensor]:
@@ -200,8 +201,7 @@ class ContinualEvaluator:
         prompts = [self.concepts[j].prompt for j in js for _ in range(G)]
         latents = torch.cat([self.initial_latents(j, G) for j in js])
         with self.method.generation_routing(js[0]):
-            images = self.bb.generate(prompts, self.steps, self.cfg, latents=latents,
-                                      batch_size=min(len(prompts), self.sample_batch_size))
+            images = self.bb.generate(prompts, self.steps, self.cfg, latents=latents, batch_size=self.sample_batch_size)
         return dict(zip(js, images.split(G)))
 
     @torch.no_grad()

@@ -521,7 +521,7 @@ class ContinualTrainer:
             "task": n + 1, "concept": self.concepts[n].name, "train_seconds": round(train_s, 2),
             "eval_seconds": round(eval_s, 2), "seconds_per_step": self.seconds_per_step,
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "device": str(dev),
-            "num_processes": acc.num_processes,
+            "num_processes": acc.num_processes, "threads": torch.get_num_threads(),
             "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
             # the process's peak resident memory so far (Linux: KiB); on the CPU, the peak of a run
             # started in its own process (``fastcp.experiments compare`` does)

@@ -8,10 +8,16 @@
 An entry is a method or a named variant of one (``ENTRIES``: ``ortho:exact`` is ``--method ortho
 --ortho_variant exact``). Everything after ``--`` is passed to ``python -m fastcp.train`` unchanged
 (same flags, same defaults). Each (entry, seed) run is its own process (so its peak memory is its
-own) and lands in ``<runs_dir>/<entry with ':' as '-'>/seed_<s>/``; a run whose ``results.json``
-exists is skipped and one with checkpoints but no ``results.json`` (interrupted) goes on from its
-newest checkpoint, so the table can be built over several sittings (``--rerun`` redoes them) and
-``--available`` writes the table from what is finished, saying which seeds each entry has.
+own) and lands in ``<runs_dir>/<entry with ':' as '-'>/seed_<s>/`` (local: ``outputs/``).
+A finished run leaves a **record** (``make_record``: its results.json, per-task seconds, peak memory
+and threads, a few KB) in ``<results stem>_runs/<entry>/seed_<s>.json``, committed beside the
+table; the table is built from the records alone, so runs made in one sitting count in every later
+one, on any checkout. A run with a record (made with the same ``fastcp.train`` arguments) or a
+``results.json`` is skipped, one with checkpoints but neither (interrupted) goes on from its newest
+checkpoint (``--rerun`` redoes them), and ``--available`` writes the table from what is finished,
+saying which seeds each entry has. ``prior_summary.json`` in the records directory holds rows of an
+earlier table whose runs left no records (``PRIOR_FILE``): their seeds count as finished and their
+statistics are pooled exactly with the records' (``_pooled``).
 The seed changes the rendering of the embedded concepts' images, the LoRA/token initialisation
 and every training draw (the concept order is the sequence's own).
 
@@ -27,8 +33,10 @@ Writes ``<results>.json``::
                          "seconds_per_task": {"mean", "std"},   # training only (no evaluation)
                          "peak_memory_gb": {"mean", "std"} | null,   # per run: CUDA peak, else peak RSS
                          "time_vs_naive": float | null,
-                         "vs_naive": {"forgets_less": bool, "learned_ratio": float} | null}},
-     "train_args": [...], "commit": str, "torch": str, "device": str, "threads": int}
+                         "vs_naive": {"forgets_less": bool, "learned_ratio": float} | null,
+                         "pooled_from_prior": [seed, ...]}},   # only where a prior row was pooled in
+     "train_args": [...], "commit": str, "torch": str, "device": str, "threads": int,
+     "records": str, "prior_commit": str | null, "missing": {entry: [seed, ...]}}
 
 and ``<results>.md``: one Markdown table (mean ± std over seeds; the mean alone, std null in the JSON,
 for an entry with one finished seed) for the README.
@@ -71,6 +79,10 @@ ALL_METHODS = list(ENTRIES)
 #: methods whose training loss contains CE(DC logits, c_n): dc_acc measures their own objective
 DC_TRAINED = {"ewc_dc", "dsc", "dsc_ewc"}
 METRIC_ORDER = ["fidelity", "dc_acc", "holdout_loss"]
+#: in a records directory: rows of an earlier table whose per-run files were not kept (entry ->
+#: {"runs", "seeds", "tasks_per_run", "peak_runs", "metrics", "seconds_per_task", "peak_memory_gb"});
+#: ``aggregate`` pools them exactly with the records, and their seeds count as finished
+PRIOR_FILE = "prior_summary.json"
 
 
 def _commit() -> str:
@@ -79,12 +91,6 @@ def _commit() -> str:
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
     except Exception:
         return "unknown"
-
-
-def _mean_std(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    # one run has no spread: std is null (the table prints the mean alone), never a made-up 0
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
 def run_env(jobs: int = 1) -> dict[str, str]:
@@ -102,6 +108,55 @@ def entry_dir(runs_dir: Path, entry: str, seed: int) -> Path:
     return Path(runs_dir) / entry.replace(":", "-") / f"seed_{seed}"
 
 
+def records_dir(results_stem: Path) -> Path:
+    """Where the per-run records of a table live: ``<stem>_runs/`` beside ``<stem>.json`` (committed
+    for the CPU table, so runs made in one sitting count in every later one; run directories under
+    ``outputs/`` are local and do not survive a fresh checkout)."""
+    results_stem = Path(results_stem)
+    return results_stem.parent / f"{results_stem.name}_runs"
+
+
+def record_path(records: Path, entry: str, seed: int) -> Path:
+    return Path(records) / entry.replace(":", "-") / f"seed_{seed}.json"
+
+
+def make_record(entry: str, run_dir: Path, train_args: list[str], omp_num_threads: str | None) -> dict:
+    """The part of a finished run that the table needs, as one small JSON file: its results.json
+    (metrics with their task x concept matrices, concepts, seed, config), the per-task seconds and
+    peak memory of its train_log.json, and what it ran on."""
+    import torch
+
+    results = json.loads((run_dir / "results.json").read_text())
+    log = json.loads((run_dir / "train_log.json").read_text())
+    keep = ("task", "concept", "train_seconds", "eval_seconds", "seconds_per_step", "device", "num_processes",
+            "threads", "peak_memory_gb", "peak_rss_gb")
+    return {"entry": entry, "seed": results["seed"], "train_args": list(train_args), "results": results,
+            "tasks": [{k: t.get(k) for k in keep} for t in log["tasks"]],
+            "recorded_at_commit": _commit(), "torch": torch.__version__,
+            "device": f"cpu ({platform.processor() or platform.machine()})" if log["tasks"][0].get("device", "cpu") == "cpu"
+            else log["tasks"][0]["device"],
+            # torch's intra-op threads as the run logged them (older logs: the OMP_NUM_THREADS it was given)
+            "threads": log["tasks"][0].get("threads") or (int(omp_num_threads) if omp_num_threads else None)}
+
+
+def read_record(path: Path, train_args: list[str]) -> dict | None:
+    """A run's record if it exists and was made with these ``fastcp.train`` arguments, else None."""
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("train_args") == list(train_args) else None
+
+
+def read_prior(records: Path, train_args: list[str]) -> dict:
+    """{entry: row} of ``PRIOR_FILE`` in ``records`` (runs known only by an earlier table's summary
+    statistics, pooled exactly into the new table), or {} when absent or made with other arguments."""
+    path = Path(records) / PRIOR_FILE
+    if not path.exists():
+        return {}
+    prior = json.loads(path.read_text())
+    return prior["methods"] if prior.get("train_args") == list(train_args) else {}
+
+
 def _run_peak_gb(log: dict) -> float | None:
     """A run's peak memory: the largest CUDA peak of its tasks, else its process's peak RSS."""
     cuda = [t.get("peak_memory_gb") or 0.0 for t in log["tasks"]]
@@ -111,26 +166,52 @@ def _run_peak_gb(log: dict) -> float | None:
     return max(rss) if rss else None
 
 
-def aggregate(runs: dict[str, list[dict]]) -> dict:
-    """runs: {entry: [{"results": results.json, "task_seconds": [float], "peak_gb": float | None}]}
-    -> the "methods" dict."""
+def _pooled(values, prior: dict | None = None, prior_n: int = 0) -> dict:
+    """mean and sample std (ddof=1) of ``values`` together with ``prior_n`` earlier values known only
+    by their summary ``prior`` ({"mean", "std"}): the exact pooled statistics, as if every value were
+    here (sum of squared deviations: each group's own plus n_g * (mean_g - mean)^2)."""
+    v = np.asarray(values, dtype=np.float64)
+    groups = [(len(v), float(v.mean()) if len(v) else 0.0, float(((v - v.mean()) ** 2).sum()) if len(v) else 0.0)]
+    if prior is not None and prior_n > 0:
+        groups.append((prior_n, prior["mean"], (prior_n - 1) * (prior["std"] or 0.0) ** 2))
+    n = sum(g[0] for g in groups)
+    mean = sum(g[0] * g[1] for g in groups) / n
+    ss = sum(g[2] + g[0] * (g[1] - mean) ** 2 for g in groups)
+    # one run has no spread: std is null (the table prints the mean alone), never a made-up 0
+    return {"mean": mean, "std": float(np.sqrt(ss / (n - 1))) if n > 1 else None}
+
+
+def aggregate(runs: dict[str, list[dict]], prior: dict | None = None) -> dict:
+    """runs: {entry: [{"results": results.json, "task_seconds": [float], "peak_gb": float | None}]},
+    prior: {entry: an earlier table's row (``PRIOR_FILE``)} whose runs are pooled in by their summary
+    statistics -> the "methods" dict."""
+    prior = prior or {}
     out = {}
-    for m, rs in runs.items():
-        if not rs:
+    for m in dict.fromkeys([*runs, *prior]):
+        rs, pr = runs.get(m, []), prior.get(m)
+        if not rs and pr is None:
             continue
+        pn = pr["runs"] if pr else 0
+        names = list(rs[0]["results"]["metrics"]) if rs else list(pr["metrics"])
         metrics = {}
-        for name in rs[0]["results"]["metrics"]:
-            metrics[name] = {
-                "average": _mean_std([r["results"]["metrics"][name]["average"] for r in rs]),
-                "forgetting": _mean_std([r["results"]["metrics"][name]["forgetting"] for r in rs]),
-                "learned": _mean_std([learned(r["results"]["metrics"][name]["matrix"]) for r in rs]),
-            }
+        for name in names:
+            old = pr["metrics"].get(name) if pr else None
+            per_run = {"average": [r["results"]["metrics"][name]["average"] for r in rs],
+                       "forgetting": [r["results"]["metrics"][name]["forgetting"] for r in rs],
+                       "learned": [learned(r["results"]["metrics"][name]["matrix"]) for r in rs]}
+            metrics[name] = {k: _pooled(vals, old and old[k], pn if old else 0) for k, vals in per_run.items()}
         secs = [s for r in rs for s in r["task_seconds"]]
         peaks = [r["peak_gb"] for r in rs if r.get("peak_gb") is not None]
         method, flags = ENTRIES.get(m, (m, []))
-        out[m] = {"method": method, "flags": flags, "runs": len(rs), "seeds": [r["results"]["seed"] for r in rs],
-                  "metrics": metrics, "seconds_per_task": _mean_std(secs),
-                  "peak_memory_gb": _mean_std(peaks) if peaks else None}
+        seeds = sorted([*(pr["seeds"] if pr else []), *(r["results"]["seed"] for r in rs)])
+        prior_peak = pr and pr.get("peak_memory_gb")
+        out[m] = {"method": method, "flags": flags, "runs": len(rs) + pn, "seeds": seeds,
+                  "metrics": metrics,
+                  "seconds_per_task": _pooled(secs, pr and pr["seconds_per_task"], pn * pr["tasks_per_run"] if pr else 0),
+                  "peak_memory_gb": (_pooled(peaks, prior_peak, pr.get("peak_runs", pn) if prior_peak else 0)
+                                     if peaks or prior_peak else None)}
+        if pr:
+            out[m]["pooled_from_prior"] = pr["seeds"]
     base = out.get("naive")
     for m, v in out.items():
         v["time_vs_naive"] = (v["seconds_per_task"]["mean"] / base["seconds_per_task"]["mean"]) if base else None
@@ -141,6 +222,20 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         else:
             v["vs_naive"] = None
     return out
+
+
+def prior_commit(records: Path) -> str | None:
+    path = Path(records) / PRIOR_FILE
+    return json.loads(path.read_text()).get("commit") if path.exists() else None
+
+
+def _prior_note(methods: dict, commit: str | None) -> str:
+    pooled = [f"`{m}` seeds {' '.join(map(str, v['pooled_from_prior']))}" for m, v in methods.items()
+              if v.get("pooled_from_prior")]
+    if not pooled:
+        return ""
+    return (f"\nPooled from `{PRIOR_FILE}` (the table at commit {commit}, whose per-run files were not kept; "
+            f"mean and std pooled exactly): " + "; ".join(pooled) + ".\n")
 
 
 def _pm(s: dict) -> str:
@@ -199,7 +294,10 @@ def compare(argv: list[str]) -> int:
     p.add_argument("--runs_dir", type=Path, default=Path("outputs/cp_compare"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/cp_methods"),
                    help="output stem: writes <stem>.json and <stem>.md")
-    p.add_argument("--rerun", action="store_true", help="redo runs whose results.json exists")
+    p.add_argument("--records", type=Path, default=None,
+                   help="per-run records (default <results stem>_runs/, committed with the table): a run with a "
+                        "record is finished; each finished run directory's record is (re)written there")
+    p.add_argument("--rerun", action="store_true", help="redo runs whose results.json or record exists")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with its share of the cores (default 1; train s/task is then per share)")
     p.add_argument("--available", action="store_true",
@@ -223,8 +321,22 @@ def compare(argv: list[str]) -> int:
             return 2
     runs: dict[str, list[dict]] = {m: [] for m in entries}
     env = run_env(args.jobs)
-    pending = [(m, s) for m in entries for s in args.seeds
-               if not args.available and (args.rerun or not (entry_dir(args.runs_dir, m, s) / "results.json").exists())]
+    records = args.records or records_dir(args.results)
+
+    def usable_prior() -> dict:
+        # a record of one of its seeds (a --rerun) supersedes an entry's prior row as a whole: a
+        # summary cannot be split back into its runs
+        return {m: row for m, row in read_prior(records, train_args).items()
+                if m in entries and not any(read_record(record_path(records, m, s), train_args) for s in row["seeds"])}
+
+    prior = usable_prior()
+
+    def finished(m: str, s: int) -> bool:
+        return ((entry_dir(args.runs_dir, m, s) / "results.json").exists()
+                or read_record(record_path(records, m, s), train_args) is not None
+                or s in prior.get(m, {}).get("seeds", []))
+
+    pending = [(m, s) for m in entries for s in args.seeds if not args.available and (args.rerun or not finished(m, s))]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float, bool]] = {}
     failed = None
     while (pending and failed is None) or running:
@@ -248,24 +360,37 @@ def compare(argv: list[str]) -> int:
                 failed = failed or rc  # the runs already started finish; their results are kept
             else:
                 print(f"[compare] {key[0]} seed {key[1]}: {time.time() - t0:.0f}s", flush=True)
-    if failed is not None:
-        return failed
+                # its record is written at once: it is what later sittings count
+                atomic_write_json(record_path(records, *key), make_record(
+                    key[0], entry_dir(args.runs_dir, *key), train_args, env.get("OMP_NUM_THREADS")))
+    # finished run directories (of this sitting or an earlier one on this machine) refresh their
+    # record only when it is missing or made with other arguments: a record's omp_num_threads is
+    # that of the sitting that ran it
     for m in entries:
         for s in args.seeds:
-            out = entry_dir(args.runs_dir, m, s)
-            if not (out / "results.json").exists():
-                continue  # --available: not finished yet
-            results = json.loads((out / "results.json").read_text())
-            log = json.loads((out / "train_log.json").read_text())
-            runs[m].append({"results": results, "task_seconds": [t["train_seconds"] for t in log["tasks"]],
-                            "peak_gb": _run_peak_gb(log)})
+            out, rec = entry_dir(args.runs_dir, m, s), record_path(records, m, s)
+            if (out / "results.json").exists() and read_record(rec, train_args) is None:
+                atomic_write_json(rec, make_record(m, out, train_args, None))
+    if failed is not None:
+        return failed
+    prior = usable_prior()
+    for m in entries:
+        pooled = set(prior.get(m, {}).get("seeds", []))
+        for s in args.seeds:
+            rec = read_record(record_path(records, m, s), train_args)
+            if rec is None or s in pooled:
+                continue  # --available: not finished yet (or already counted through the prior summary)
+            runs[m].append({"results": rec["results"], "task_seconds": [t["train_seconds"] for t in rec["tasks"]],
+                            "peak_gb": _run_peak_gb(rec)})
     import torch
 
-    summary = {"methods": aggregate(runs), "train_args": train_args, "seeds": args.seeds, "commit": _commit(),
+    summary = {"methods": aggregate(runs, prior), "train_args": train_args, "seeds": args.seeds, "commit": _commit(),
                "torch": torch.__version__, "device": f"cpu ({platform.processor() or platform.machine()})",
                "threads": torch.get_num_threads(), "omp_num_threads": env.get("OMP_NUM_THREADS"), "jobs": args.jobs,
-               "missing": {m: [s for s in args.seeds if s not in [r["results"]["seed"] for r in runs[m]]]
-                           for m in entries if len(runs[m]) < len(args.seeds)}}
+               "records": str(records), "prior_commit": prior_commit(records) if prior else None}
+    done = {m: summary["methods"].get(m, {}).get("seeds", []) for m in entries}
+    summary["missing"] = {m: [s for s in args.seeds if s not in done[m]] for m in entries
+                          if any(s not in done[m] for s in args.seeds)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results.with_suffix(".json"), summary)
     table = markdown_table(summary["methods"])
@@ -277,7 +402,8 @@ def compare(argv: list[str]) -> int:
           f"learned = each concept's judge fidelity right after its own task; avg = last row of the task × concept "
           f"matrix; forget = mean drop from each concept's best; learned × naive = learned / naive's learned; "
           f"train s/task excludes evaluation; peak GB = the run's peak memory (CUDA peak, else the process's "
-          f"resident set).\n\n" + table + (f"\nNot finished:{missing}\n" if missing else ""))
+          f"resident set). Each run's record is in `{records}/`.\n\n" + table
+          + (f"\nNot finished:{missing}\n" if missing else "") + _prior_note(summary["methods"], summary["prior_commit"]))
     atomic_write_text(args.results.with_suffix(".md"), md)
     print(table)
     return 0

@@ -24,7 +24,9 @@ Parts:
              bf16, 10 steps): fastcp.generate's one routed batched pass against diffusers' ``set_adapters`` +
              one pipeline call per concept, the ratio from the same run, and the two agreeing on concept 0.
 ``compare``  ``python -m fastcp.experiments compare`` at full scale (6 concepts, 400 steps, 3 seeds). Runs are
-             resumable: a part stopped by its time limit continues where it stopped on the next call.
+             resumable: a part stopped by its time limit continues where it stopped on the next call, and
+             each finished run's record lands in ``benchmarks/results/gpu_compare_methods_runs/``: commit
+             it with the table, and a later session (a fresh machine) counts those runs as done.
 
 Each part writes ``benchmarks/results/gpu_<part>.json`` ({"part", "rows", "meta": device, torch / triton /
 CUDA versions, commit, ...}; ``--cpu-smoke`` writes ``cpu_smoke_<part>.json`` under ``--out_dir``), and the
@@ -337,6 +339,8 @@ def part_compare(smoke: bool, tmp: Path, limit: float, runs_dir: Path, out_dir: 
               "--results", str(stem), "--jobs", jobs)
     if methods != "all":
         cmd += ["--methods", methods]
+    if smoke:  # the smoke's runs leave no records in the results folder; a GPU run's records are kept
+        cmd += ["--records", str(tmp / "compare_records")]  # (gpu_compare_methods_runs/, commit them)
     rc, out, sec = _run(cmd + ["--", *train], timeout=limit * 0.9, env=_env(smoke))
     if rc == 124:
         done = len(list(Path(runs_dir).glob("*/seed_*/results.json")))

@@ -83,6 +83,8 @@ METRIC_ORDER = ["fidelity", "dc_acc", "holdout_loss"]
 #: {"runs", "seeds", "tasks_per_run", "peak_runs", "metrics", "seconds_per_task", "peak_memory_gb"});
 #: ``aggregate`` pools them exactly with the records, and their seeds count as finished
 PRIOR_FILE = "prior_summary.json"
+#: the lines that enclose the table in the README (``--readme``)
+README_BEGIN, README_END = "<!-- cp_methods table: begin", "<!-- cp_methods table: end -->"
 
 
 def _commit() -> str:
@@ -300,6 +302,9 @@ def compare(argv: list[str]) -> int:
     p.add_argument("--rerun", action="store_true", help="redo runs whose results.json or record exists")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with its share of the cores (default 1; train s/task is then per share)")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also write the table (with what is not finished) into this file, between its "
+                        f"'{README_BEGIN}' and '{README_END}' lines")
     p.add_argument("--available", action="store_true",
                    help="train nothing: tabulate the finished runs of the entries and seeds asked for")
     args = p.parse_args(argv)
@@ -405,8 +410,28 @@ def compare(argv: list[str]) -> int:
           f"resident set). Each run's record is in `{records}/`.\n\n" + table
           + (f"\nNot finished:{missing}\n" if missing else "") + _prior_note(summary["methods"], summary["prior_commit"]))
     atomic_write_text(args.results.with_suffix(".md"), md)
+    if args.readme is not None:
+        block = table + (f"\nNot finished:{missing}\n" if missing else "") + _prior_note(summary["methods"], summary["prior_commit"])
+        if not replace_block(args.readme, block):
+            print(f"fastcp.experiments: error: {args.readme} has no '{README_BEGIN} ...' / '{README_END}' lines; "
+                  f"the table is in {args.results.with_suffix('.md')}", file=sys.stderr)
+            return 2
     print(table)
     return 0
+
+
+def replace_block(path: Path, block: str) -> bool:
+    """Put ``block`` between the README_BEGIN and README_END lines of ``path`` (kept); False when
+    the file lacks them (the file is then left as it was)."""
+    lines = Path(path).read_text().split("\n")
+    begin = next((i for i, line in enumerate(lines) if line.startswith(README_BEGIN)), None)
+    end = next((i for i, line in enumerate(lines) if line.startswith(README_END)), None)
+    if begin is None or end is None or end < begin:
+        return False
+    from fastcp.files import atomic_write_text
+
+    atomic_write_text(Path(path), "\n".join(lines[: begin + 1] + block.strip("\n").split("\n") + lines[end:]))
+    return True
 
 
 def profile(argv: list[str]) -> int:

@@ -132,6 +132,16 @@ def test_records_outlive_the_run_directories_and_prior_rows_pool_exactly(tmp_pat
     for key in ("seconds_per_task", "peak_memory_gb"):
         assert pooled[key]["mean"] == pytest.approx(full[key]["mean"]) and pooled[key]["std"] == pytest.approx(full[key]["std"])
     assert "Pooled from `prior_summary.json`" in stem.with_suffix(".md").read_text()
+    # --readme rewrites only the marked block; a file without the markers is an error and stays as it was
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\nbefore\n{experiments.README_BEGIN} -->\nstale\n{experiments.README_END}\nafter\n")
+    assert experiments.main([*args, "--available", "--readme", str(readme), "--", *TINY]) == 0
+    text = readme.read_text()
+    assert text.startswith("# t\nbefore\n") and text.endswith(f"{experiments.README_END}\nafter\n")
+    assert "stale" not in text and "| `naive` |" in text and "Pooled from" in text
+    readme.write_text("no markers\n")
+    assert experiments.main([*args, "--available", "--readme", str(readme), "--", *TINY]) == 2
+    assert readme.read_text() == "no markers\n"
 
 
 def test_pooled_statistics_equal_those_of_all_the_values():

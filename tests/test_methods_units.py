@@ -28,13 +28,13 @@ def make_method(name, *flags, concepts=None, num_concepts=2, seed=0):
     return trainer.method
 
 
-def train_steps(method, n, steps, lr=1e-2):
+def train_steps(method, n, steps, lr=1e-2, adam_eps=1e-8):
     """The loop's inner part (fastcp.continual.run_continual) for task n."""
     bb = method.ctx.backbone
     groups = method.begin_task(n)
     for g in groups:
         g["lr"] = lr
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=adam_eps)
     seen = method.ctx.concepts[: n + 1] if method.sees_all_concepts else [None] * n + [method.ctx.concepts[n]]
     latents = [None if c is None else bb.encode_images(c.train_images) for c in seen]
     for _ in range(steps):
@@ -268,12 +268,12 @@ def test_dsc_terms_match_a_two_pass_reference():
 
 
 # ----------------------------------------------------------------------------- fl2t
-def _fl2t_state(order, steps=3, seed=0):
+def _fl2t_state(order, steps=3, seed=0, adam_eps=1e-5):
     seq = embedded_sequence(2, seed=0, num_train=2, num_holdout=2)
     seq = [seq[i] for i in order]
     m = make_method("fl2t", "--fl2t_set_size", "0", concepts=seq, seed=seed)
-    train_steps(m, 0, steps)
-    train_steps(m, 1, steps)
+    train_steps(m, 0, steps, adam_eps=adam_eps)
+    train_steps(m, 1, steps, adam_eps=adam_eps)
     names = [c.name for c in seq]
     state = {}
     for c in seq:
@@ -295,8 +295,9 @@ def _fl2t_state(order, steps=3, seed=0):
     return state
 
 
-def _max_diff(s1, s2, parts):
-    return max(float((s1[name][k] - s2[name][k]).abs().max()) for name in parts for k in s1[name])
+def _relative_diffs(s1, s2, parts):
+    """||x1 - x2|| / ||x1|| for every tensor x of the named parts."""
+    return [float((s1[name][k] - s2[name][k]).norm() / s1[name][k].norm()) for name in parts for k in s1[name]]
 
 
 def test_fl2t_is_order_invariant():
@@ -304,13 +305,16 @@ def test_fl2t_is_order_invariant():
     for name in s1:
         if name != "module":
             assert float(s1[name]["b"].abs().max()) > 0  # each concept actually trained its own slot
-    # Float noise only: Adam steps of lr 1e-2 amplify summation-order differences to ~1e-5;
-    # an actual dependence on the order moves parameters by ~lr (the control below: ~1e-2).
+    # Float noise only. The CPU's summation order (threads, SIMD width) perturbs gradients by ~1e-7
+    # of their scale, and Adam with eps 1e-8 turns an element whose gradient is that small into a
+    # step of +-lr: CI's machine saw 7.5e-3 elementwise where this one sees 2e-5. Hence eps 1e-5 in
+    # _fl2t_state (such elements then move by ~lr * noise / eps) and a bound per tensor, relative to
+    # its norm. Gradient noise of 1e-5 of the scale, injected into every step, stays under 2e-4 here;
+    # a real dependence on the order moves whole tensors: the control below (another seed) differs
+    # by 0.3-1.4 of every tensor's norm.
     concepts = [n for n in s1 if n != "module"]
-    assert _max_diff(s1, s2, concepts) < 2e-4
-    # The set module's scores pass through more Adam-normalised parameters: looser bound.
-    assert _max_diff(s1, s2, ["module"]) < 2e-3
-    assert _max_diff(s1, _fl2t_state([0, 1], seed=1), concepts) > 2e-3
+    assert max(_relative_diffs(s1, s2, [*concepts, "module"])) < 2e-3
+    assert min(_relative_diffs(s1, _fl2t_state([0, 1], seed=1), concepts)) > 0.1
 
 
 def test_fl2t_routing_keep_holds_earlier_sets_coef_at_the_set_start():
